@@ -1,0 +1,83 @@
+"""The ``prunetune`` command: parse, call the library, turn errors into exit codes.
+
+Each subcommand lives in ``prunetune.commands.<name>`` and exposes ``main(argv) -> int``;
+this file only dispatches, configures logging, and maps :class:`UsageError` to exit 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import textwrap
+
+from prunetune.errors import UsageError
+
+COMMANDS = {
+    "eval": ("prunetune.commands.eval", "perplexity of a model (optionally with a LoRA adapter)"),
+    "sparsity": ("prunetune.commands.sparsity", "per-block, per-module and overall sparsity"),
+    "prune": ("prunetune.commands.prune", "prune a model (magnitude, wanda, sparsegpt; unstructured or N:M)"),
+    "recover": ("prunetune.commands.recover", "recover a pruned model (lora, masked_lora, full)"),
+    "merge": ("prunetune.commands.merge", "merge an adapter into a pruned model, keeping its sparsity"),
+    "run": ("prunetune.commands.run", "run a pipeline from a YAML config"),
+    "demo": ("prunetune.commands.demo", "the full pipeline on the bundled tiny model, offline"),
+}
+
+
+def _usage() -> str:
+    rows = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
+    return f"usage: prunetune [-v] COMMAND [ARGS...]\n\ncommands:\n{rows}\n\nprunetune COMMAND --help shows a command's options."
+
+
+def configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("prunetune").setLevel(logging.INFO if verbose > 0 else logging.WARNING)
+    if verbose <= 0:
+        import os
+
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        try:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+def report_usage_error(err: UsageError) -> None:
+    message = " ".join(str(err).split())
+    print("prunetune: error: " + "\n  ".join(textwrap.wrap(message, 100)), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = 0
+    while argv and argv[0] in ("-v", "-vv", "--verbose"):
+        verbose += 2 if argv.pop(0) == "-vv" else 1
+    # -v may also follow the command name
+    for flag in ("-v", "--verbose"):
+        while flag in argv[1:]:
+            argv.remove(flag)
+            verbose += 1
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"prunetune: error: unknown command {name!r}; accepted: {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 2
+    configure_logging(verbose)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except UsageError as err:
+        report_usage_error(err)
+        return 2
+    except KeyboardInterrupt:
+        print("prunetune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``prunetune`` CLI: each module exposes ``main(argv) -> int``."""

@@ -1,0 +1,28 @@
+"""``prunetune sparsity MODEL``: per-block, per-module and overall sparsity (table or JSON)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="prunetune sparsity", description=__doc__)
+    parser.add_argument("model", help="hub id, local model folder, or 'tiny'")
+    parser.add_argument("--json", dest="json_path", default=None, help="write the report as JSON to this file ('-' prints it)")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    args = parser.parse_args(argv)
+
+    from prunetune.commands.common import print_json
+    from prunetune.loading import LoadOptions, load_model
+    from prunetune.masks import measure_sparsity
+    from prunetune.outputs import write_json
+
+    model = load_model(args.model, LoadOptions(trust_remote_code=args.trust_remote_code))
+    report = measure_sparsity(model)
+    if args.json_path == "-":
+        print_json(report.to_dict())
+        return 0
+    print(report.table())
+    if args.json_path:
+        write_json(args.json_path, report.to_dict())
+    return 0

@@ -1,0 +1,43 @@
+"""Tiny random models built from configs (no download), shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+VOCAB = 128
+
+
+def config_for(arch: str, hidden: int = 64, layers: int = 2, intermediate: int = 128):
+    common = dict(vocab_size=VOCAB, num_hidden_layers=layers, num_attention_heads=4)
+    if arch == "llama":
+        return T.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_key_value_heads=2, max_position_embeddings=256, **common)
+    if arch == "mistral":
+        return T.MistralConfig(hidden_size=hidden, intermediate_size=intermediate, num_key_value_heads=2, max_position_embeddings=256, **common)
+    if arch == "qwen2":
+        return T.Qwen2Config(hidden_size=hidden, intermediate_size=intermediate, num_key_value_heads=2, max_position_embeddings=256, **common)
+    if arch == "opt":
+        return T.OPTConfig(hidden_size=hidden, ffn_dim=intermediate, word_embed_proj_dim=hidden, max_position_embeddings=256,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0, **common)
+    if arch == "gpt_neox":
+        return T.GPTNeoXConfig(hidden_size=hidden, intermediate_size=intermediate, max_position_embeddings=256,
+                               bos_token_id=1, eos_token_id=2, **common)
+    if arch == "gpt2":
+        return T.GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
+                            bos_token_id=1, eos_token_id=2)
+    raise ValueError(arch)
+
+
+ARCHS = ("llama", "mistral", "qwen2", "opt", "gpt_neox", "gpt2")
+
+
+def make_model(arch: str = "llama", seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(config_for(arch, **kwargs))
+    model.eval()
+    return model
+
+
+def random_tokens(n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, seqlen), generator=generator)
