@@ -62,3 +62,39 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+
+
+MANIFEST_NAME = "prunetune.json"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape results, for manifests."""
+    import importlib.metadata as metadata
+    import platform
+
+    versions = {"python": platform.python_version()}
+    for name in ("prunetune", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def save_model_dir(model, tokenizer, path: str | Path, manifest: dict, overwrite: bool = True) -> Path:
+    """Save a Hugging Face model folder (safetensors + tokenizer) plus ``prunetune.json``, atomically."""
+    path = check_output_dir(path, overwrite=overwrite, flag="--overwrite")
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json(tmp / MANIFEST_NAME, {**manifest, "versions": library_versions()})
+    return path
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    """The ``prunetune.json`` manifest of a model folder, or None when it has none."""
+    file = Path(path).expanduser() / MANIFEST_NAME
+    if not file.exists():
+        return None
+    return json.loads(file.read_text(encoding="utf-8"))
