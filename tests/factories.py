@@ -41,3 +41,25 @@ def make_model(arch: str = "llama", seed: int = 0, **kwargs):
 def random_tokens(n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n, seqlen), generator=generator)
+
+
+def make_tokenizer():
+    """A character-level tokenizer whose ids fit VOCAB: <unk>=0, <s>=1, </s>=2, then \\t, \\n and printable ASCII."""
+    from tokenizers import Tokenizer, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\t", "\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({ch: 3 + i for i, ch in enumerate(chars)})
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+
+
+def save_model_folder(path, arch: str = "llama", seed: int = 0):
+    """A random model + character tokenizer saved as a Hugging Face folder; returns the model."""
+    model = make_model(arch, seed=seed)
+    model.save_pretrained(path, safe_serialization=True)
+    make_tokenizer().save_pretrained(path)
+    return model
