@@ -1,0 +1,136 @@
+"""``prunetune prune``: prune a model with magnitude, Wanda or SparseGPT; unstructured or N:M.
+
+Accepts the Wanda repository's flags (``--model --prune_method --sparsity_ratio
+--sparsity_type --nsamples --seed --use_variant --cache_dir --save --save_model``), e.g.::
+
+    prunetune prune --model tiny --prune_method wanda --sparsity_ratio 0.5 \\
+        --sparsity_type unstructured --eval_dataset builtin --save out/wanda --save_model out/wanda/model
+
+Everything is validated before the model is loaded; the layer shapes (N:M divisibility)
+right after, before any calibration work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from prunetune.commands.common import add_model_arguments, load_options
+from prunetune.data import describe_sources
+from prunetune.errors import require
+
+logger = logging.getLogger(__name__)
+
+REPORT_NAME = "prune_report.json"
+
+
+def default_calibration(model: str) -> str:
+    """The bundled model calibrates offline on the builtin corpus; real models on C4."""
+    return "builtin" if model == "tiny" else "c4"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prunetune.pruning import PRUNERS
+
+    parser = argparse.ArgumentParser(prog="prunetune prune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    group = parser.add_argument_group("pruning")
+    group.add_argument("--prune_method", default="wanda", help=f"pruning method: {', '.join(PRUNERS)} (default: %(default)s)")
+    group.add_argument("--sparsity_ratio", type=float, default=None,
+                       help="fraction of weights to prune, in [0, 1); required for unstructured, implied (N/M) by N:M")
+    group.add_argument("--sparsity_type", default="unstructured", help="'unstructured', '2:4', '4:8' or any N:M (N zeros in every M inputs)")
+    group.add_argument("--use_variant", action="store_true", help="Wanda's variant: per-row cumulative-score threshold (unstructured only)")
+    group.add_argument("--targets", nargs="+", default=None, help="glob patterns of layers to prune (default: every linear in the decoder blocks)")
+    group.add_argument("--ignore", nargs="+", default=None, help="glob patterns of layers to keep dense, e.g. 'mlp.down_proj'")
+    group.add_argument("--blocksize", type=int, default=None, help="SparseGPT: columns per mask block (default 128)")
+    group.add_argument("--percdamp", type=float, default=None, help="SparseGPT: Hessian dampening, fraction of its mean diagonal (default 0.01)")
+    calib = parser.add_argument_group("calibration")
+    calib.add_argument("--calib_dataset", default=None, help=f"calibration data: {describe_sources()} (default: builtin for tiny, else c4)")
+    calib.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: %(default)s)")
+    calib.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: the model's context, capped at 2048)")
+    calib.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: %(default)s)")
+    calib.add_argument("--batch_size", type=int, default=8, help="calibration windows per block forward (default: %(default)s)")
+    calib.add_argument("--compute_device", default=None,
+                       help="run each block here (e.g. cuda) while the model stays in CPU memory: for models larger than the accelerator")
+    calib.add_argument("--offload_activations", action="store_true", help="keep calibration activations in CPU memory")
+    out = parser.add_argument_group("evaluation and outputs")
+    out.add_argument("--eval_dataset", default=None, help="measure perplexity on this data before and after pruning")
+    out.add_argument("--eval_max_windows", type=int, default=None, help="score only the first N evaluation windows")
+    out.add_argument("--eval_batch_size", type=int, default=8, help="evaluation windows per forward")
+    out.add_argument("--save", default=None, help=f"results folder: {REPORT_NAME} is written there")
+    out.add_argument("--save_model", default=None, help="write the pruned model (safetensors, tokenizer, prunetune.json) to this folder")
+    return parser
+
+
+def _validate(args: argparse.Namespace):
+    """Every check that needs no model; returns the PruneConfig."""
+    from prunetune.data import check_source
+    from prunetune.outputs import check_output_dir
+    from prunetune.pruning import PruneConfig
+
+    options = {k: v for k, v in (("blocksize", args.blocksize), ("percdamp", args.percdamp)) if v is not None}
+    require(not options or args.prune_method == "sparsegpt",
+            f"--blocksize/--percdamp are SparseGPT options; --prune_method is {args.prune_method!r}.")
+    require(args.eval_max_windows is None or args.eval_max_windows >= 1, f"--eval_max_windows must be >= 1, got {args.eval_max_windows}.")
+    require(args.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {args.eval_batch_size}.")
+    config = PruneConfig(method=args.prune_method, sparsity_ratio=args.sparsity_ratio, sparsity_type=args.sparsity_type,
+                         use_variant=args.use_variant, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                         calib_dataset=args.calib_dataset or default_calibration(args.model), batch_size=args.batch_size,
+                         device=args.compute_device, offload_activations=args.offload_activations,
+                         targets=args.targets, ignore=args.ignore, options=options, cache_dir=args.cache_dir, progress=True)
+    if args.eval_dataset:
+        check_source(args.eval_dataset)
+    for path in (args.save, args.save_model):
+        if path:
+            check_output_dir(path, overwrite=True)
+    return config
+
+
+def _perplexity(model, tokenizer, args, seqlen: int):
+    from prunetune.evaluate import autocast_for, evaluate_dataset
+
+    return evaluate_dataset(model, tokenizer, args.eval_dataset, seqlen, batch_size=args.eval_batch_size,
+                            max_windows=args.eval_max_windows, progress=True, autocast_dtype=autocast_for(model),
+                            cache_dir=args.cache_dir)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    config = _validate(args)
+
+    from pathlib import Path
+
+    from prunetune.evaluate import default_seqlen
+    from prunetune.loading import load_model, load_tokenizer
+    from prunetune.outputs import save_model_dir, write_json
+    from prunetune.pruning import prune
+    from prunetune.pruning.api import check_layers
+
+    options = load_options(args)
+    tokenizer = load_tokenizer(args.model, options)
+    model = load_model(args.model, options)
+    check_layers(model, config)  # N:M divisibility, missing blocks: before any work
+    eval_seqlen = config.seqlen or default_seqlen(model)
+    before = _perplexity(model, tokenizer, args, eval_seqlen) if args.eval_dataset else None
+
+    report = prune(model, tokenizer, config)
+
+    after = _perplexity(model, tokenizer, args, eval_seqlen) if args.eval_dataset else None
+    payload = {"model": args.model, **report.to_dict()}
+    if args.eval_dataset:
+        payload["evaluation"] = {"dataset": args.eval_dataset, "before": before.to_dict(), "after": after.to_dict()}
+    if report.already_sparse:
+        print(f"note: the model was already {report.initial_sparsity:.2%} sparse; its zeros stay pruned")
+    print(f"{report.method} {report.sparsity_type} (ratio {report.sparsity_ratio:g}) on {args.model}: "
+          f"sparsity {report.sparsity.overall:.4f}, {report.seconds:.1f}s")
+    if args.eval_dataset:
+        print(f"perplexity on {args.eval_dataset}: {before.perplexity:.3f} before, {after.perplexity:.3f} after")
+    if args.save:
+        write_json(Path(args.save) / REPORT_NAME, payload)
+        print(f"report: {Path(args.save) / REPORT_NAME}")
+    if args.save_model:
+        manifest = {"stage": "prune", "base_model": args.model, **{k: v for k, v in payload.items() if k != "block_timings"}}
+        save_model_dir(model, tokenizer, args.save_model, manifest)
+        print(f"pruned model: {args.save_model}")
+    return 0

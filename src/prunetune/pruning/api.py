@@ -1,0 +1,233 @@
+"""``prune(model, tokenizer, config) -> PruneReport``: the pruning stage of the pipeline.
+
+Validates everything it can before touching the model (method, ratio, N:M, layer shapes,
+sequence length), draws the calibration samples (or takes the token ids it is given), runs
+the pruner -- block by block through :mod:`prunetune.calibrate` when it needs data, layer
+by layer otherwise -- and reports what it did.
+
+Example::
+
+    from prunetune.pruning import PruneConfig, prune
+    report = prune(model, tokenizer, PruneConfig(method="wanda", sparsity_ratio=0.5))
+    print(report.sparsity.overall, report.seconds)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from prunetune.calibrate import BlockTiming, CalibrationOptions, prune_sequentially
+from prunetune.errors import UsageError, require
+from prunetune.masks import SparsityReport, measure_sparsity
+from prunetune.modules import find_decoder_blocks, prunable_layers, weight_matrix, weight_param_shape
+from prunetune.pruning.base import Pruner
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEQLEN_CAP = 2048  # the papers calibrate with 2048-token windows
+ALREADY_SPARSE = 0.01  # overall zero fraction above which a model counts as already pruned
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how.
+
+    Attributes:
+        method: a registered pruner name (``magnitude``, ``wanda``, ``sparsegpt``).
+        sparsity_ratio: fraction of weights to prune in [0, 1); None with N:M means N/M.
+        sparsity_type: ``unstructured`` or ``N:M`` (at least N zeros in every M inputs).
+        use_variant: Wanda's per-row cumulative-score variant (unstructured only).
+        nsamples: calibration windows (the papers use 128).
+        seqlen: tokens per window; None = the model's context, capped at 2048.
+        seed: calibration sampling seed.
+        calib_dataset: data source name or path (see :mod:`prunetune.data`).
+        calibration_ids: explicit (n, seqlen) token ids; replaces calib_dataset/nsamples/seqlen.
+        batch_size: calibration windows per block forward.
+        device: where blocks run (e.g. ``cuda`` for a model kept in CPU memory); None = in place.
+        offload_activations: keep calibration activations in CPU memory.
+        targets: glob patterns of layers to prune (default: every linear in the blocks).
+        ignore: glob patterns of layers to leave dense.
+        options: extra pruner options, e.g. ``{"blocksize": 128, "percdamp": 0.01}`` for SparseGPT.
+        cache_dir: Hugging Face datasets cache.
+        progress: show progress bars.
+    """
+
+    method: str = "wanda"
+    sparsity_ratio: float | None = None
+    sparsity_type: str = "unstructured"
+    use_variant: bool = False
+    nsamples: int = 128
+    seqlen: int | None = None
+    seed: int = 0
+    calib_dataset: str = "c4"
+    calibration_ids: torch.Tensor | None = field(default=None, repr=False)
+    batch_size: int = 8
+    device: str | None = None
+    offload_activations: bool = False
+    targets: list[str] | None = None
+    ignore: list[str] | None = None
+    options: dict = field(default_factory=dict)
+    cache_dir: str | None = None
+    progress: bool = False
+
+    def __post_init__(self):
+        self.pruner = build_pruner(self.method, self.sparsity_ratio, self.sparsity_type, self.use_variant, self.options)
+        self.sparsity_ratio = self.pruner.ratio
+        require(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be a positive integer, got {self.batch_size!r}.")
+        if self.calibration_ids is not None:
+            ids = self.calibration_ids
+            require(torch.is_tensor(ids) and ids.dim() == 2 and not ids.is_floating_point() and ids.numel() > 0,
+                    "calibration_ids must be a non-empty integer tensor of shape (nsamples, seqlen), got "
+                    f"{getattr(ids, 'shape', type(ids).__name__)}.")
+            self.nsamples, self.seqlen = int(ids.shape[0]), int(ids.shape[1])
+        require(isinstance(self.nsamples, int) and self.nsamples >= 1, f"nsamples must be a positive integer, got {self.nsamples!r}.")
+        require(self.seqlen is None or (isinstance(self.seqlen, int) and self.seqlen >= 2),
+                f"seqlen must be an integer >= 2 (or None for the model's context), got {self.seqlen!r}.")
+        if self.pruner.needs_calibration and self.calibration_ids is None:
+            from prunetune.data import check_source
+
+            check_source(self.calib_dataset)
+
+
+def build_pruner(method: str, ratio, structure, use_variant: bool = False, options: dict | None = None) -> Pruner:
+    """A validated pruner from the registry (:data:`prunetune.pruning.PRUNERS`)."""
+    from prunetune.pruning import pruner_class
+
+    cls = pruner_class(method)
+    try:
+        return cls(ratio, structure, use_variant, **(options or {}))
+    except TypeError as err:
+        raise UsageError(f"Unknown option for the {method} pruner: {err}. Options: {dict(options or {})}.") from err
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune` did (``to_dict`` gives the JSON written next to results)."""
+
+    method: str
+    sparsity_ratio: float
+    sparsity_type: str
+    use_variant: bool
+    seconds: float
+    sparsity: SparsityReport
+    initial_sparsity: float = 0.0
+    calibration: dict | None = None  # dataset, fingerprint, nsamples, seqlen, seed
+    options: dict = field(default_factory=dict)
+    block_timings: list[BlockTiming] = field(default_factory=list)
+
+    @property
+    def already_sparse(self) -> bool:
+        return self.initial_sparsity > ALREADY_SPARSE
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "sparsity_ratio": self.sparsity_ratio,
+            "sparsity_type": self.sparsity_type,
+            "use_variant": self.use_variant,
+            "seconds": self.seconds,
+            "initial_sparsity": self.initial_sparsity,
+            "calibration": self.calibration,
+            "options": self.options,
+            "sparsity": self.sparsity.to_dict(),
+            "block_timings": [t.to_dict() for t in self.block_timings],
+        }
+
+
+def tokens_fingerprint(ids: torch.Tensor) -> str:
+    """sha256 (16 hex digits) of explicit calibration token ids."""
+    return hashlib.sha256(ids.to(torch.int64).cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def check_layers(model, config: PruneConfig) -> dict[str, torch.nn.Module]:
+    layers = prunable_layers(model, config.targets, config.ignore)  # UsageError if no blocks
+    require(layers, f"No layer matches targets={config.targets} / ignore={config.ignore}; nothing to prune.")
+    for name, module in layers.items():
+        config.pruner.check_layer(name, weight_param_shape(module)[1])
+        require(module.weight.device.type != "meta",
+                f"Layer {name} has its weights offloaded (device 'meta'): pruning changes weights in place. "
+                "Load the model into CPU or GPU memory (device_map without disk offload), and use "
+                "--compute_device to run blocks on the accelerator.")
+    return layers
+
+
+def _calibration_ids(model, tokenizer, config: PruneConfig) -> tuple[torch.Tensor, dict]:
+    from prunetune.evaluate import check_seqlen, default_seqlen
+
+    if config.calibration_ids is not None:
+        ids = config.calibration_ids
+        check_seqlen(model, ids.shape[1])
+        vocab = model.get_input_embeddings().num_embeddings
+        require(int(ids.min()) >= 0 and int(ids.max()) < vocab,
+                f"calibration_ids hold token ids outside the model's vocabulary [0, {vocab}).")
+        return ids, {"dataset": "tokens", "fingerprint": tokens_fingerprint(ids),
+                     "nsamples": ids.shape[0], "seqlen": ids.shape[1], "seed": None}
+    require(tokenizer is not None, f"Calibrating on {config.calib_dataset!r} needs a tokenizer; pass one, or pass calibration_ids.")
+    seqlen = config.seqlen or default_seqlen(model, cap=DEFAULT_SEQLEN_CAP)
+    check_seqlen(model, seqlen)
+    from prunetune.data import calibration_samples, load_documents
+
+    ids = calibration_samples(tokenizer, config.calib_dataset, config.nsamples, seqlen, seed=config.seed,
+                              cache_dir=config.cache_dir)
+    fingerprint = load_documents(config.calib_dataset, "train", config.cache_dir).fingerprint
+    return ids, {"dataset": config.calib_dataset, "fingerprint": fingerprint, "nsamples": config.nsamples,
+                 "seqlen": seqlen, "seed": config.seed}
+
+
+@torch.no_grad()
+def prune(model, tokenizer=None, config: PruneConfig | None = None) -> PruneReport:
+    """Prune ``model`` in place.
+
+    Args:
+        model: a Hugging Face causal LM (any architecture whose decoder blocks can be found).
+        tokenizer: its tokenizer (needed unless the method is data-free or
+            ``config.calibration_ids`` is given).
+        config: what to do; default Wanda at 50% unstructured.
+
+    Returns:
+        A :class:`PruneReport` (per-module sparsity, time, calibration data and fingerprint).
+
+    Raises:
+        UsageError: bad configuration, layers that cannot take the structure, a model whose
+            blocks cannot be found, calibration data that is missing or too small.
+    """
+    config = config or PruneConfig(sparsity_ratio=0.5)
+    pruner = config.pruner
+    layers = check_layers(model, config)
+    initial = measure_sparsity(model)
+    if initial.overall > ALREADY_SPARSE:
+        logger.warning("The model is already %.1f%% sparse; its existing zeros stay pruned.", 100 * initial.overall)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    calibration, timings = None, []
+    try:
+        if pruner.needs_calibration:
+            ids, calibration = _calibration_ids(model, tokenizer, config)
+            options = CalibrationOptions(batch_size=config.batch_size, device=config.device,
+                                         offload_activations=config.offload_activations, progress=config.progress)
+            start = time.perf_counter()  # time the pruning, not the tokenization
+            timings = prune_sequentially(model, ids, pruner, set(layers), options)
+        else:
+            for block in find_decoder_blocks(model):
+                block_start = time.perf_counter()
+                for relative, module in block.linears.items():
+                    if block.qualified(relative) in layers:
+                        pruner.prune_group([weight_matrix(module)])
+                timings.append(BlockTiming(block.index, prune=time.perf_counter() - block_start))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+    report = PruneReport(method=pruner.name, sparsity_ratio=pruner.ratio, sparsity_type=str(pruner.structure),
+                         use_variant=pruner.use_variant, seconds=seconds, sparsity=measure_sparsity(model),
+                         initial_sparsity=initial.overall, calibration=calibration, options=dict(config.options),
+                         block_timings=timings)
+    logger.info("%s: %.4f sparse in %.2fs", pruner.name, report.sparsity.overall, seconds)
+    return report
