@@ -1,0 +1,1 @@
+"""Recovery after pruning: LoRA, masked LoRA and masked full fine-tuning."""

@@ -1,0 +1,182 @@
+"""Masked LoRA: a LoRA update confined to the kept weights, so merging keeps the sparsity.
+
+For a pruned layer with weight ``W`` (out, in) and kept mask ``M`` (``True`` where the
+pruned model's weight is nonzero)::
+
+    y = x @ (W + s * (B @ A) * M)^T          s = lora_alpha / r  (or / sqrt(r) with rsLoRA)
+
+so ``merge`` adds exactly zero to every pruned weight. The update ``(B A) * M`` is no longer
+low rank, which is why this cannot be expressed as plain LoRA weights.
+
+It plugs into PEFT through PEFT's own extension points rather than beside it:
+
+* :class:`MaskedLoraConfig` is a ``LoraConfig`` with one more field, ``use_masked_lora``,
+  tagged ``is_lora_variant`` so PEFT's ``resolve_lora_variant`` picks the variant, and it
+  registers :class:`MaskedLoraLinear` as the custom LoRA layer for ``nn.Linear`` / GPT-2
+  ``Conv1D``.
+* :class:`MaskedLoraVariant` (a ``LoraVariant``) does merge / unmerge / the unfused forward.
+* :class:`MaskedLoraLinear` (a ``peft.tuners.lora.Linear``) adds the variant to its registry
+  and a fused forward: when the adapter input is the layer input (no dropout in training),
+  ``W + s (B A) * M`` is formed once (one ``addcmul``) and multiplied once, so the forward
+  costs what the base layer costs; the only extra work is the (out, in) weight gradient in
+  the backward. With dropout the variant's two-matmul forward is used (same maths).
+
+The saved adapter is a standard PEFT adapter (``adapter_config.json`` with
+``"use_masked_lora": true`` + ``adapter_model.safetensors`` holding ordinary ``lora_A`` /
+``lora_B``). Plain ``PeftModel.from_pretrained`` loads it with a warning that it ignores
+``use_masked_lora`` -- and then computes *unmasked* LoRA. Load it with
+:func:`prunetune.recover.adapter.apply_adapter` (or pass ``config=MaskedLoraConfig.load(path)``
+to ``PeftModel.from_pretrained``), which restores the masked layers.
+
+The mask is the base weight's nonzero pattern, taken once when the adapter is created (or
+loaded) and held as a non-persistent bool buffer (``prunetune_kept_mask_<adapter>``): the base
+is frozen, so ``W != 0`` cannot change during training and needs no file of its own; it
+moves with ``model.to`` and never enters the adapter's state dict. A kept weight that is
+exactly zero in the pruned model counts as pruned (it cannot be adapted), which is what
+keeps the merged sparsity equal to the pruned sparsity.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraVariant
+from peft.utils.other import transpose
+from torch import nn
+
+from prunetune.modules import LINEAR_TYPES
+
+MASK_BUFFER_PREFIX = "prunetune_kept_mask_"
+
+
+@dataclass
+class MaskedLoraConfig(LoraConfig):
+    """``LoraConfig`` for masked LoRA. Everything else is LoRA's, with LoRA's defaults."""
+
+    use_masked_lora: bool = field(
+        default=True,
+        metadata={
+            "help": "Confine the update to the base weight's nonzero pattern: delta W = (B A) * (W != 0).",
+            "is_lora_variant": True,
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._register_custom_module({layer_type: MaskedLoraLinear for layer_type in LINEAR_TYPES})
+
+    @classmethod
+    def load(cls, adapter_path: str | Path) -> "MaskedLoraConfig":
+        """Read ``adapter_config.json`` into this class (PEFT's loader would map it to plain LoraConfig)."""
+        saved = json.loads((Path(adapter_path) / "adapter_config.json").read_text(encoding="utf-8"))
+        saved.pop("runtime_config", None)
+        known = {f.name for f in fields(cls) if f.init}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+def is_masked_config(config: dict | LoraConfig) -> bool:
+    """True for a masked LoRA adapter config (a saved ``adapter_config.json`` dict or a config)."""
+    if isinstance(config, dict):
+        return bool(config.get("use_masked_lora", False))
+    return bool(getattr(config, "use_masked_lora", False))
+
+
+def kept_mask(module: nn.Module, adapter: str) -> torch.Tensor:
+    """The layer's bool kept mask, in the base weight's storage orientation."""
+    return getattr(module, MASK_BUFFER_PREFIX + adapter)
+
+
+def masked_delta(module: "MaskedLoraLinear", adapter: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``s * (B A) * M`` in the base weight's storage orientation (transposed for Conv1D)."""
+    weight_B = module.lora_B[adapter].weight
+    weight_A = module.lora_A[adapter].weight
+    # bf16/fp16 matmuls on CPU are slow and lossy; merges on CPU are done in fp32.
+    if weight_B.device.type == "cpu" and weight_B.dtype in (torch.float16, torch.bfloat16):
+        weight_B, weight_A = weight_B.float(), weight_A.float()
+    product = transpose(weight_B @ weight_A, module.fan_in_fan_out)
+    delta = product * kept_mask(module, adapter) * module.scaling[adapter]
+    return delta.to(dtype or module.lora_B[adapter].weight.dtype)
+
+
+class MaskedLoraVariant(LoraVariant):
+    """PEFT variant hooks: mask set-up, merge/unmerge of the masked delta, unfused forward."""
+
+    def supports_lora_conversion(self) -> bool:
+        return False  # (B A) * M is not low rank
+
+    @staticmethod
+    def init(module: LoraLinear, adapter_name: str, **kwargs: Any) -> None:
+        weight = module.get_base_layer().weight
+        module.register_buffer(MASK_BUFFER_PREFIX + adapter_name, weight.detach() != 0, persistent=False)
+
+    @staticmethod
+    def merge_safe(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + masked_delta(module, active_adapter, orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += masked_delta(module, active_adapter, orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight - masked_delta(module, active_adapter, orig_weight.dtype)
+
+    @staticmethod
+    def forward(module: LoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``result + dropout(x) @ (s (B A) * M)^T``; used when dropout is active (training)."""
+        dropped = module.lora_dropout[active_adapter](x)
+        delta = masked_delta(module, active_adapter)
+        if module.fan_in_fan_out:
+            delta = delta.t()  # (out, in) for F.linear
+        return result + F.linear(dropped, delta.to(dropped.dtype))
+
+
+class MaskedLoraLinear(LoraLinear):
+    """PEFT LoRA ``Linear`` that knows the masked variant and fuses its forward when it can."""
+
+    @property
+    def lora_variants(self):
+        return {**super().lora_variants, ("use_masked_lora",): MaskedLoraVariant}
+
+    def get_delta_weight(self, adapter) -> torch.Tensor:
+        if isinstance(self.lora_variant.get(adapter), MaskedLoraVariant):
+            return masked_delta(self, adapter)
+        return super().get_delta_weight(adapter)
+
+    def _fusable_adapters(self, args, kwargs) -> list[str] | None:
+        """The active masked adapters when the one-matmul forward is exact, else None."""
+        if args or kwargs.get("adapter_names") is not None or self.disable_adapters or self.merged:
+            return None
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if not active:
+            return None
+        for adapter in active:
+            if not isinstance(self.lora_variant.get(adapter), MaskedLoraVariant) or self.lora_bias[adapter]:
+                return None
+            if self.training and not isinstance(self.lora_dropout[adapter], nn.Identity):
+                return None  # dropout feeds the adapter a different input than the base weight
+        return active
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapters = self._fusable_adapters(args, kwargs)
+        if adapters is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        weight = base.weight  # frozen; storage orientation
+        for adapter in adapters:
+            product = transpose(self.lora_B[adapter].weight @ self.lora_A[adapter].weight, self.fan_in_fan_out)
+            # W + s * (B A) * M in one kernel; M is bool, promoted inside the kernel
+            weight = torch.addcmul(weight, product.to(weight.dtype), kept_mask(self, adapter), value=self.scaling[adapter])
+        if self.fan_in_fan_out:
+            weight = weight.t()
+        return F.linear(x, weight, base.bias)
+
+    def __repr__(self) -> str:
+        return "masked_" + super().__repr__()

@@ -1,0 +1,267 @@
+"""The recovery recipe: load -> check -> data -> set up the method -> train -> evaluate -> save.
+
+``recover(model_args, data_args, recovery_args, training_args)`` is what ``prunetune recover``
+runs; it reads top to bottom like the steps above and knows nothing about any one method
+(those live behind :data:`SETUPS`). Runs under ``torchrun`` / ``accelerate launch`` as is:
+the Trainer owns DDP, every rank checks its own masks, rank 0 writes the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, default_data_collator
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from prunetune.errors import UsageError, require
+from prunetune.recover.args import DataArguments, ModelArguments, RecoveryArguments, RecoveryTrainingArguments
+from prunetune.recover.base import zero_fraction
+from prunetune.recover.callbacks import SparsityGuard, last_checkpoint
+from prunetune.recover.full import setup_full
+from prunetune.recover.lora import setup_lora, setup_masked_lora
+
+logger = logging.getLogger(__name__)
+
+SETUPS = {"lora": setup_lora, "masked_lora": setup_masked_lora, "full": setup_full}
+MIN_SPARSITY = 0.01  # below this a model counts as unpruned
+RESULTS_NAME = "recovery.json"
+
+
+@dataclass
+class RecoveryResult:
+    """What a recovery run did, as written to ``recovery.json``."""
+
+    method: str
+    model: str
+    output_dir: str
+    dataset: str
+    block_size: int
+    steps: int = 0
+    tokens: int = 0  # steps x global batch x block size, this run only
+    train_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""  # cuda_allocated | cpu_max_rss
+    train_loss: float | None = None
+    sparsity_before: float = 0.0
+    sparsity_after: float = 0.0  # of the trained/frozen weights
+    merged_sparsity: float | None = None  # adapters: what `prunetune merge --allow_dense` would give
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    resumed_from: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prepare_output_dir(args: RecoveryTrainingArguments) -> Path | None:
+    """Check ``--output_dir`` and resolve ``--resume_from_checkpoint``; return the checkpoint folder."""
+    from prunetune.outputs import check_output_dir
+
+    output_dir = Path(args.output_dir)
+    resume = args.resume_from_checkpoint
+    if resume:
+        if resume.lower() in ("true", "latest", "last"):
+            found = last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+            require(found is not None, f"--resume_from_checkpoint {resume}: no {PREFIX_CHECKPOINT_DIR}-N folder in {output_dir}.")
+            resume = found
+        resume_dir = Path(resume)
+        require((resume_dir / "trainer_state.json").exists(),
+                f"--resume_from_checkpoint {resume_dir} is not a Trainer checkpoint (no trainer_state.json in it).")
+        return resume_dir
+    check_output_dir(output_dir, overwrite=args.overwrite_output_dir, flag="--overwrite_output_dir")
+    if output_dir.is_dir() and args.process_index == 0:
+        for stale in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):  # a later resume must not pick these up
+            logger.info("removing stale checkpoint %s (--overwrite_output_dir)", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    return None
+
+
+def resolve_dtype(model_args: ModelArguments, recovery_args: RecoveryArguments, device: torch.device) -> str:
+    if model_args.dtype != "auto":
+        return model_args.dtype
+    # frozen adapter bases train fine in bf16; full fine-tuning keeps fp32 master weights
+    return "bfloat16" if device.type == "cuda" and recovery_args.uses_adapter else "float32"
+
+
+def check_config(model, model_args: ModelArguments) -> None:
+    """``--config_name`` as a local folder must describe the same architecture as the model."""
+    if not model_args.config_name:
+        return
+    path = Path(model_args.config_name).expanduser()
+    if not (path / "config.json").exists():
+        logger.info("--config_name %s is not a local folder; recorded only (the model folder's config is used)", model_args.config_name)
+        return
+    given = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    own = model.config.to_dict()
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        if key in given and key in own and given[key] != own[key]:
+            raise UsageError(f"--config_name {model_args.config_name} has {key}={given[key]} but the model has {own[key]}; give the config of the model that was pruned.")
+
+
+def check_sparsity(model_name: str, sparsity: float, recovery_args: RecoveryArguments) -> None:
+    if sparsity >= MIN_SPARSITY or recovery_args.allow_dense_finetune:
+        return
+    plain = "plain fine-tuning" if recovery_args.recovery_method == "full" else "plain LoRA"
+    raise UsageError(
+        f"{model_name} has no sparsity ({sparsity:.2%} of its prunable weights are zero): there is nothing to recover. "
+        f"Prune it first (prunetune prune ...), or pass --allow_dense_finetune to run {plain} on the dense model."
+    )
+
+
+def load(model_args: ModelArguments, recovery_args: RecoveryArguments, training_args: RecoveryTrainingArguments):
+    from prunetune.loading import LoadOptions, load_model, load_tokenizer
+
+    options = LoadOptions(dtype=resolve_dtype(model_args, recovery_args, training_args.device),
+                          trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir)
+    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, options)
+    model = load_model(model_args.model_name_or_path, options)
+    model.config.use_cache = False  # no KV cache while training
+    return model.to(training_args.device), tokenizer
+
+
+def resolve_block_size(model, data_args: DataArguments) -> int:
+    from prunetune.loading import max_positions
+
+    limit = max_positions(model)
+    block_size = data_args.block_size or min(1024, limit or 1024)
+    require(limit is None or block_size <= limit, f"--block_size {block_size} exceeds the model's {limit} positions; use {limit} or less.")
+    return block_size
+
+
+def evaluate(model, tokenizer, dataset: str, data_args, recovery_args, training_args, block_size: int) -> float:
+    from prunetune.evaluate import evaluate_dataset
+
+    result = evaluate_dataset(
+        model, tokenizer, dataset, recovery_args.eval_seqlen or block_size,
+        batch_size=training_args.per_device_eval_batch_size, split=data_args.validation_split,
+        max_windows=data_args.max_eval_samples, autocast_dtype=torch.bfloat16 if training_args.bf16 else None,
+    )
+    logger.info("perplexity on %s/%s: %.4f (%d windows)", dataset, data_args.validation_split, result.perplexity, result.windows)
+    return result.perplexity
+
+
+def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args: RecoveryArguments,
+            training_args: RecoveryTrainingArguments, callbacks: list | None = None) -> RecoveryResult:
+    """Recover a pruned model; write the adapter (or model) and ``recovery.json`` to ``--output_dir``.
+
+    Raises:
+        UsageError: bad input (see the messages), and ``TrainingStopped`` when the guard stops the run.
+    """
+    method = recovery_args.recovery_method
+    if method == "full" and (training_args.fsdp or training_args.deepspeed):
+        raise UsageError("--recovery_method full keeps whole-weight masks and is not supported with FSDP/DeepSpeed "
+                         "sharding yet; use DDP (torchrun / accelerate launch), or an adapter method.")
+    resume_dir = prepare_output_dir(training_args)
+    model, tokenizer = load(model_args, recovery_args, training_args)
+    check_config(model, model_args)
+    from prunetune.recover.base import base_layers
+
+    sparsity_before = zero_fraction(base_layers(model))
+    check_sparsity(model_args.model_name_or_path, sparsity_before, recovery_args)
+    dataset = data_args.dataset_name or ("builtin" if model_args.model_name_or_path == "tiny" else "c4")
+    if data_args.dataset_config_name:
+        logger.warning("--dataset_config_name %s ignored: prunetune's %r source fixes its files", data_args.dataset_config_name, dataset)
+    block_size = resolve_block_size(model, data_args)
+    result = RecoveryResult(method=method, model=model_args.model_name_or_path, output_dir=training_args.output_dir,
+                            dataset=dataset, block_size=block_size, sparsity_before=sparsity_before,
+                            resumed_from=str(resume_dir) if resume_dir else None)
+    is_main = training_args.process_index == 0
+
+    train_data = None
+    if training_args.do_train:
+        from prunetune.data import training_blocks
+
+        train_data = training_blocks(tokenizer, dataset, block_size, split="train",
+                                     max_samples=data_args.max_train_samples, cache_dir=model_args.cache_dir)
+    if training_args.do_eval and recovery_args.eval_before_training and resume_dir is None and is_main:
+        result.perplexity_before = evaluate(model, tokenizer, dataset, data_args, recovery_args, training_args, block_size)
+
+    setup = SETUPS[method](model, recovery_args, resume_dir)
+    if training_args.ddp_broadcast_buffers is None:
+        # masks are identical on every rank by construction; broadcasting them each step costs GBs
+        training_args.ddp_broadcast_buffers = False
+    trainable = [p for p in setup.model.parameters() if p.requires_grad]
+    guard = SparsityGuard(setup.check, trainable)
+    trainer = Trainer(model=setup.model, args=training_args, train_dataset=train_data,
+                      data_collator=default_data_collator, processing_class=tokenizer,
+                      callbacks=[guard, *setup.callbacks, *(callbacks or [])])
+    if training_args.do_train:
+        _train(trainer, training_args, resume_dir, block_size, result)
+        _save(trainer, setup, model_args, result, is_main)
+    result.sparsity_after = guard.verify(trainer.state.global_step, training_args.output_dir)
+    logger.info("rank %d: sparsity %.4f, no pruned weight nonzero in %d checked layers",
+                   training_args.process_index, result.sparsity_after, len(setup.check.layers))
+    if setup.saves_adapter:
+        from prunetune.export import merged_zero_fraction
+
+        result.merged_sparsity = merged_zero_fraction(setup.model)
+    if training_args.do_eval and is_main:
+        result.perplexity_after = evaluate(setup.model, tokenizer, dataset, data_args, recovery_args, training_args, block_size)
+    if is_main and (training_args.do_train or training_args.do_eval):
+        from prunetune.outputs import write_json
+
+        write_json(Path(training_args.output_dir) / RESULTS_NAME, result.to_dict())
+    return result
+
+
+def _train(trainer: Trainer, args: RecoveryTrainingArguments, resume_dir: Path | None, block_size: int,
+           result: RecoveryResult) -> None:
+    cuda = args.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(args.device)
+    first_step = 0
+    if resume_dir is not None:
+        first_step = json.loads((resume_dir / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+    output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    result.steps = output.global_step - first_step
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    result.tokens = result.steps * global_batch * block_size
+    result.train_seconds = float(output.metrics.get("train_runtime", 0.0))
+    result.tokens_per_second = result.tokens / result.train_seconds if result.train_seconds else 0.0
+    result.train_loss = output.training_loss
+    if cuda:
+        result.peak_memory_bytes, result.peak_memory_kind = torch.cuda.max_memory_allocated(args.device), "cuda_allocated"
+    else:
+        import resource
+
+        result.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        result.peak_memory_kind = "cpu_max_rss"
+
+
+def _save(trainer: Trainer, setup, model_args: ModelArguments, result: RecoveryResult, is_main: bool) -> None:
+    from prunetune.outputs import MANIFEST_NAME, library_versions, read_manifest, write_json
+
+    output_dir = Path(trainer.args.output_dir)
+    trainer.save_model(str(output_dir))  # every rank: sharded strategies gather here
+    if not is_main:
+        return
+    trainer.save_state()
+    setup.save_extra(output_dir)
+    base_manifest = read_manifest(_model_path(model_args.model_name_or_path)) or {}
+    manifest = {
+        "kind": "adapter" if setup.saves_adapter else "model",
+        "base_model": model_args.model_name_or_path,
+        "base_config": model_args.config_name,
+        "pruning": base_manifest.get("pruning", {k: v for k, v in base_manifest.items() if k != "versions"}),
+        **setup.manifest,
+        "training": {"steps": result.steps, "tokens": result.tokens, "dataset": result.dataset, "block_size": result.block_size},
+        "versions": library_versions(),
+    }
+    write_json(output_dir / MANIFEST_NAME, manifest)
+
+
+def _model_path(name: str) -> str:
+    from prunetune.loading import resolve_model_path
+
+    try:
+        return resolve_model_path(name)
+    except UsageError:
+        return name

@@ -1,0 +1,83 @@
+"""`prunetune recover` arguments: the seed's command line, argument files, validation; the sparsity guard."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from prunetune.commands.recover import parse
+from prunetune.errors import UsageError
+from prunetune.recover.callbacks import SparsityGuard, TrainingStopped
+
+SEED = ("--model_name_or_path PRUNED --config_name CFG --dataset_name c4 --num_train_epochs 1 --block_size 1024 "
+        "--per_device_train_batch_size 1 --per_device_eval_batch_size 8 --do_train --do_eval --max_train_samples 30000 "
+        "--max_eval_samples 128 --learning_rate 1e-4 --overwrite_output_dir --output_dir {out}")
+
+
+def test_seed_command_parses_unchanged(tmp_path):
+    model, data, recovery, training = parse(SEED.format(out=tmp_path).split())
+    assert (model.model_name_or_path, model.config_name, data.dataset_name, data.block_size) == ("PRUNED", "CFG", "c4", 1024)
+    assert (data.max_train_samples, data.max_eval_samples) == (30000, 128)
+    assert (training.learning_rate, training.per_device_train_batch_size, training.num_train_epochs) == (1e-4, 1, 1)
+    assert training.do_train and training.do_eval and training.overwrite_output_dir
+    assert (recovery.recovery_method, recovery.lora_r, recovery.lora_alpha, recovery.lora_dropout) == ("lora", 8, 16, 0.05)
+    assert recovery.target_patterns() == ["q_proj", "v_proj"]
+
+
+def test_argument_file_and_per_method_defaults(tmp_path):
+    path = tmp_path / "recover.yaml"
+    path.write_text(f"model_name_or_path: tiny\nrecovery_method: masked_lora\nlora_target_modules: all-linear\noutput_dir: {tmp_path}/o\n")
+    model, data, recovery, training = parse([str(path)])
+    assert recovery.recovery_method == "masked_lora" and recovery.lora_dropout == 0.0
+    assert recovery.target_patterns() == ["all-linear"] and training.logging_steps == 10
+    path.write_text("model_name_or_path: tiny\nlora_rank: 3\n")
+    with pytest.raises(UsageError, match="lora_rank"):
+        parse([str(path)])
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--recovery_method qlora", "qlora.*lora, masked_lora, full"),
+    ("--lora_r 0", "positive rank"),
+    ("--lora_dropout 1.5", r"\[0, 1\)"),
+    ("--dataset_name /no/such/file.txt", "no/such"),
+    ("--block_size 1", "too small"),
+])
+def test_bad_values_are_usage_errors(flags, message, tmp_path):
+    with pytest.raises(UsageError, match=message):
+        parse(f"--model_name_or_path tiny --output_dir {tmp_path} {flags}".split())
+
+
+class FakeCheck:
+    def __init__(self):
+        self.layers = {"l": None}
+        self.drift = {}
+
+    def violations(self):
+        return self.drift
+
+    def sparsity(self):
+        return 0.5
+
+
+def test_guard_logs_sparsity_and_stops_on_drift_or_nan(tmp_path):
+    check, param = FakeCheck(), torch.nn.Parameter(torch.ones(3))
+    guard = SparsityGuard(check, [param])
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    state = SimpleNamespace(global_step=3, log_history=[{"loss": 1.0, "step": 3}])
+    logs = {"loss": 1.0}
+    guard.on_log(args, state, None, logs=logs)
+    assert logs["sparsity"] == 0.5 and state.log_history[-1]["sparsity"] == 0.5
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    with pytest.raises(TrainingStopped, match="loss is nan.*checkpoint-2"):
+        guard.on_log(args, state, None, logs={"loss": math.nan})
+    check.drift = {"model.layers.0.mlp.up_proj": 4}
+    control = SimpleNamespace(should_log=False, should_save=True)
+    with pytest.raises(TrainingStopped, match="4 pruned weights became nonzero.*up_proj"):
+        guard.on_step_end(args, state, control)
+    check.drift = {}
+    with torch.no_grad():
+        param[0] = math.inf
+    with pytest.raises(TrainingStopped, match="NaN/inf"):
+        guard.on_step_end(args, state, control)
