@@ -18,11 +18,14 @@ As in the SparseGPT and Wanda papers, the decoder is pruned one block at a time:
 Memory: calibration activations take ``nsamples * seqlen * hidden`` elements in the
 model's dtype (2 GiB for 128 x 2048 tokens of a 7B model in fp16), on the compute device or,
 with ``offload_activations``, in CPU memory. With ``device`` set to an accelerator while the
-model sits in CPU memory, only the block being pruned is moved there: peak accelerator
-memory is then one block's weights + its statistics + one batch of activations (about
-1.5 GiB for a Llama-2-7B block in fp16 with batch 8 x 2048 and SparseGPT's Hessians),
-plus the activations unless they are offloaded. Models dispatched with a ``device_map``
-run each block where accelerate placed it.
+model sits in CPU memory, only the block being pruned is moved there, so peak accelerator
+memory is one block's weights + its statistics + one batch's forward + the pruner's work.
+For a Llama-2-7B block in fp16 with batches of 8 x 2048 tokens that is, by count, 0.4 GiB of
+weights, 0.6 GiB of SparseGPT Hessians (Wanda: 0.1 MiB of norms), about 1.5 GiB for the
+batch forward and under 1 GiB of SparseGPT working memory: roughly 3 GiB (SparseGPT) and
+2 GiB (Wanda), plus 2 GiB if the activations are not offloaded. These are estimates;
+``benchmarks/prune_bench.py --device cuda --stream_blocks`` measures them. Models dispatched
+with a ``device_map`` run each block where accelerate placed it.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def test_existing_zeros_stay_pruned():
 @pytest.mark.parametrize("kwargs,fragment", [
     (dict(ratio=1.0, structure="unstructured"), "1.0"),
     (dict(ratio=-0.1, structure="unstructured"), "-0.1"),
-    (dict(ratio=None, structure="unstructured"), "sparsity ratio"),
+    (dict(ratio="0.5", structure="unstructured"), "'0.5'"),
     (dict(ratio=None, structure="4:4"), "4:4"),
     (dict(ratio=None, structure="0:4"), "0:4"),
     (dict(ratio=None, structure="2-4"), "2-4"),
@@ -131,6 +131,7 @@ def test_structure_parsing_and_divisibility():
     assert selection.parse_structure("2:4").ratio == 0.5
     assert str(selection.parse_structure(" 4:8 ")) == "4:8"
     assert not selection.parse_structure("unstructured").is_nm
+    assert build_pruner("wanda", None, "unstructured").ratio == 0.5
     with pytest.raises(UsageError, match="mlp.down_proj.*688.*M=32"):
         build_pruner("wanda", None, "16:32").check_layer("mlp.down_proj", 688)
     with pytest.raises(UsageError, match="bogus.*magnitude"):

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("pruning")
     group.add_argument("--prune_method", default="wanda", help=f"pruning method: {', '.join(PRUNERS)} (default: %(default)s)")
     group.add_argument("--sparsity_ratio", type=float, default=None,
-                       help="fraction of weights to prune, in [0, 1); required for unstructured, implied (N/M) by N:M")
+                       help="fraction of weights to prune, in [0, 1) (default: 0.5 unstructured; N/M for N:M)")
     group.add_argument("--sparsity_type", default="unstructured", help="'unstructured', '2:4', '4:8' or any N:M (N zeros in every M inputs)")
     group.add_argument("--use_variant", action="store_true", help="Wanda's variant: per-row cumulative-score threshold (unstructured only)")
     group.add_argument("--targets", nargs="+", default=None, help="glob patterns of layers to prune (default: every linear in the decoder blocks)")

@@ -39,7 +39,7 @@ class PruneConfig:
 
     Attributes:
         method: a registered pruner name (``magnitude``, ``wanda``, ``sparsegpt``).
-        sparsity_ratio: fraction of weights to prune in [0, 1); None with N:M means N/M.
+        sparsity_ratio: fraction of weights to prune in [0, 1); None: N/M with N:M, else 0.5.
         sparsity_type: ``unstructured`` or ``N:M`` (at least N zeros in every M inputs).
         use_variant: Wanda's per-row cumulative-score variant (unstructured only).
         nsamples: calibration windows (the papers use 128).
@@ -196,7 +196,7 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None) -> PruneRepo
         UsageError: bad configuration, layers that cannot take the structure, a model whose
             blocks cannot be found, calibration data that is missing or too small.
     """
-    config = config or PruneConfig(sparsity_ratio=0.5)
+    config = config or PruneConfig()
     pruner = config.pruner
     layers = check_layers(model, config)
     initial = measure_sparsity(model)

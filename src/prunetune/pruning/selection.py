@@ -62,6 +62,7 @@ class Structure:
 
 
 UNSTRUCTURED = Structure()
+DEFAULT_RATIO = 0.5  # unstructured sparsity when no ratio is given
 
 
 def parse_structure(text: str | Structure) -> Structure:
@@ -92,11 +93,11 @@ def parse_structure(text: str | Structure) -> Structure:
 def resolve_ratio(ratio: float | None, structure: Structure, use_variant: bool = False) -> float:
     """Validate the sparsity ratio against the structure and return the ratio to use.
 
-    N:M fixes the ratio at N/M; a given ratio must then agree with it.
+    N:M fixes the ratio at N/M; a given ratio must then agree with it. Unstructured
+    sparsity without a ratio means :data:`DEFAULT_RATIO` (0.5, the papers' headline setting).
 
     Raises:
-        UsageError: ratio outside [0, 1), a ratio that contradicts N:M, the variant with N:M,
-            or no ratio for unstructured sparsity.
+        UsageError: ratio outside [0, 1), a ratio that contradicts N:M, or the variant with N:M.
     """
     if structure.is_nm:
         if use_variant:
@@ -112,7 +113,7 @@ def resolve_ratio(ratio: float | None, structure: Structure, use_variant: bool =
             )
         return implied
     if ratio is None:
-        raise UsageError("Unstructured pruning needs a sparsity ratio in [0, 1), e.g. --sparsity_ratio 0.5.")
+        return DEFAULT_RATIO
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= float(ratio) < 1:
         raise UsageError(f"Sparsity ratio {ratio!r} is out of range; accepted: a number in [0, 1), e.g. 0.5.")
     return float(ratio)

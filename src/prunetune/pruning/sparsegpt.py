@@ -64,7 +64,8 @@ class SparseGPTPruner(Pruner):
         stacked = torch.cat([w.to(device=device, dtype=torch.float32) for w in weights])  # (rows, in)
         zero_mask = torch.cat([z.to(device) for z in zeros])
         sizes = [w.shape[0] for w in weights]
-        factor = inverse_hessian_factor(statistic.matrix, self.percdamp)
+        factor = inverse_hessian_factor(statistic.matrix, self.percdamp, in_place=True)
+        statistic.matrix = None  # consumed: damped in place
         pruned = obs_prune_(stacked, factor, self.ratio, self.structure, sizes, zero_mask,
                             self.blocksize, self.solve_block)
         kept = []
@@ -74,26 +75,32 @@ class SparseGPTPruner(Pruner):
         return kept
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, retries: int = 4) -> torch.Tensor:
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, retries: int = 4,
+                           in_place: bool = False) -> torch.Tensor:
     """Upper Cholesky factor U of the damped inverse Hessian (``H^-1 = U^T U``), float32.
 
     Input features never seen (zero diagonal) get a unit diagonal. If H is not positive
     definite after damping, the damping is multiplied by 10 (up to ``retries`` times).
+    With ``in_place`` the Hessian itself is damped (and no longer usable): at most two
+    (in, in) matrices are alive at once, which matters for 11008-wide MLP inputs.
     """
-    matrix = hessian.to(torch.float32).clone()
+    matrix = hessian if in_place and hessian.dtype == torch.float32 else hessian.to(torch.float32).clone()
     diagonal = matrix.diagonal()
     diagonal[diagonal == 0] = 1
     damp = percdamp * diagonal.mean()
-    for attempt in range(retries + 1):
-        damped = matrix.clone()
-        damped.diagonal().add_(damp)
-        factor, info = torch.linalg.cholesky_ex(damped)
+    diagonal.add_(damp)
+    for _ in range(retries + 1):
+        factor, info = torch.linalg.cholesky_ex(matrix)
         if int(info) == 0:
+            del matrix
             inverse = torch.cholesky_inverse(factor)
+            del factor
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
                 return upper
+            raise RuntimeError("SparseGPT: the inverse Hessian is not positive definite; the calibration inputs are degenerate")
         logger.warning("SparseGPT: Hessian not positive definite with damping %.3g; retrying with 10x", float(damp))
+        diagonal.add_(9 * damp)
         damp = damp * 10
     raise RuntimeError("SparseGPT: the Hessian stays singular after damping; the calibration inputs are degenerate")
 
