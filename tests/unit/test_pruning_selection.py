@@ -49,6 +49,14 @@ def test_row_and_layer_masks_match_brute_force(ratio):
     assert set((~selection.row_mask(scores, ratio)).sum(1).tolist()) == {math.floor(ratio * 100 + 1e-9)}
 
 
+def test_ties_go_to_the_earlier_column():
+    scores = torch.randint(0, 4, (9, 40)).float()  # many ties at every cut
+    for ratio in (0.1, 0.5, 0.8):
+        assert torch.equal(selection.row_mask(scores, ratio), brute_row_kept(scores, ratio))
+        assert torch.equal(selection.layer_mask(scores, ratio), brute_layer_kept(scores, ratio))
+    assert torch.equal(selection.nm_mask(scores, selection.Structure(2, 4)), brute_nm_kept(scores, 2, 4))
+
+
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:3", "3:4"])
 def test_nm_mask_pattern_and_choice(pattern):
     structure = selection.parse_structure(pattern)

@@ -142,23 +142,35 @@ def _kept_from_pruned_indices(scores: torch.Tensor, pruned: torch.Tensor, dim: i
     return kept.scatter_(dim, pruned, False)
 
 
+def lowest_per_row(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Pruned mask: the ``count`` lowest entries of every row of a 2-D tensor.
+
+    Equal to pruning the first ``count`` entries of a stable ascending sort (ties go to
+    the earlier column), computed with a selection (``kthvalue``, linear time per row)
+    instead of a sort: on a 11008 x 4096 layer this is several times faster.
+    """
+    if count == 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if scores.is_cuda and scores.shape[0] < 64:  # few long rows: one sort beats a per-row select
+        order = torch.sort(scores, dim=-1, stable=True).indices
+        return ~_kept_from_pruned_indices(scores, order[:, :count], 1)
+    threshold = torch.kthvalue(scores, count, dim=-1, keepdim=True).values  # (rows, 1)
+    pruned = scores < threshold
+    ties = scores == threshold
+    room = count - pruned.sum(dim=-1, keepdim=True)  # how many tied entries still go
+    if torch.equal(ties.sum(dim=-1, keepdim=True), room):  # the usual case: no tie straddles the cut
+        return pruned | ties
+    return pruned | (ties & (torch.cumsum(ties, dim=-1) <= room))
+
+
 def row_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Prune exactly ``floor(ratio * in)`` lowest-scoring entries of every row (Wanda)."""
-    count = pruned_count(ratio, scores.shape[-1])
-    if count == 0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    order = torch.sort(scores, dim=-1, stable=True).indices  # (out, in), ascending
-    return _kept_from_pruned_indices(scores, order[..., :count], -1)
+    return ~lowest_per_row(scores, pruned_count(ratio, scores.shape[-1]))
 
 
 def layer_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Prune exactly ``floor(ratio * numel)`` lowest-scoring entries of the whole tensor."""
-    count = pruned_count(ratio, scores.numel())
-    if count == 0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    flat = scores.reshape(-1)
-    order = torch.sort(flat, stable=True).indices
-    return _kept_from_pruned_indices(flat, order[:count], 0).view_as(scores)
+    return ~lowest_per_row(scores.reshape(1, -1), pruned_count(ratio, scores.numel())).view_as(scores)
 
 
 def nm_mask(scores: torch.Tensor, structure: Structure) -> torch.Tensor:
