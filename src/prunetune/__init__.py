@@ -9,6 +9,7 @@ from prunetune.evaluate import PerplexityResult, evaluate_dataset, perplexity
 from prunetune.loading import TINY_PATH, LoadOptions, load_model, load_model_and_tokenizer, load_tokenizer
 from prunetune.masks import MaskSet, SparsityReport, measure_sparsity
 from prunetune.modules import DecoderBlock, find_decoder_blocks, prunable_layers
+from prunetune.pruning import PruneConfig, PruneReport, prune
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,8 @@ __all__ = [
     "LoadOptions",
     "MaskSet",
     "PerplexityResult",
+    "PruneConfig",
+    "PruneReport",
     "SparsityReport",
     "TINY_PATH",
     "UsageError",
@@ -28,4 +31,5 @@ __all__ = [
     "measure_sparsity",
     "perplexity",
     "prunable_layers",
+    "prune",
 ]
