@@ -1,0 +1,24 @@
+"""``prunetune demo``: the whole workflow on the bundled tiny model and the builtin corpus, offline.
+
+Dense; magnitude, Wanda and SparseGPT at 50% unstructured and 2:4; then lora, masked_lora
+and full recovery of the Wanda 50% model. Prints the results table and writes report.md
+with plots (default folder runs/demo; re-running reuses every finished stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="prunetune demo", description=__doc__)
+    from prunetune.commands.run import add_run_arguments, execute, overrides
+
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    from prunetune.pipeline import load_config
+
+    return execute(load_config(DEMO_CONFIG, overrides(args)))

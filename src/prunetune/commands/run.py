@@ -1,0 +1,44 @@
+"""``prunetune run CONFIG.yaml``: prune -> recover -> evaluate -> merge/export -> report.
+
+Stages whose outputs are complete and whose inputs are unchanged are reused, so a re-run
+after a crash, or after adding a method to the config, only does what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output_dir", default=None, help="override the config's output_dir")
+    parser.add_argument("--device", default=None, help="override the config's device (cpu, cuda, ...)")
+    parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    values = {"output_dir": args.output_dir, "device": args.device}
+    result = {k: v for k, v in values.items() if v is not None}
+    if args.no_progress:
+        result["progress"] = False
+    return result
+
+
+def execute(config) -> int:
+    from prunetune.pipeline import run_pipeline
+
+    result = run_pipeline(config)
+    print(result.table)
+    print()
+    print(f"stages run: {len(result.executed)}, reused: {len(result.reused)}")
+    print(f"report: {result.report_path}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="prunetune run", description=__doc__)
+    parser.add_argument("config", help="a YAML or JSON pipeline config (see src/prunetune/configs/)")
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    from prunetune.pipeline import load_config
+
+    return execute(load_config(args.config, overrides(args)))
