@@ -82,7 +82,7 @@ class RecoverySpec:
     lora_alpha: float = 16
     lora_dropout: float | None = None
     lora_target_modules: str = "q_proj,v_proj"
-    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
     logging_steps: int = 10
     # Per-method overrides of the keys above, e.g. {full: {learning_rate: 2.0e-5}}.
     method_overrides: dict = field(default_factory=dict)
@@ -120,7 +120,8 @@ class PipelineConfig:
         check_source(self.evaluation.dataset)
         labels = [p.label() for p in self.prune]
         duplicates = {x for x in labels if labels.count(x) > 1}
-        require(not duplicates, f"config.prune: two entries are both named {sorted(duplicates)[0]!r}; give one a distinct 'name'.")
+        if duplicates:
+            raise UsageError(f"config.prune: two entries are both named {sorted(duplicates)[0]!r}; give one a distinct 'name'.")
         for spec in self.prune:  # validates method, ratio and N:M before any work
             from prunetune.pruning import PruneConfig
 
@@ -321,7 +322,7 @@ class Pipeline:
             output_dir=str(train_dir), overwrite_output_dir=True, do_train=True, do_eval=False,
             max_steps=settings["max_steps"], num_train_epochs=settings["num_train_epochs"],
             learning_rate=settings["learning_rate"], per_device_train_batch_size=settings["per_device_train_batch_size"],
-            gradient_accumulation_steps=settings["gradient_accumulation_steps"], warmup_ratio=settings["warmup_ratio"],
+            gradient_accumulation_steps=settings["gradient_accumulation_steps"], warmup_steps=settings["warmup_steps"],
             logging_steps=settings["logging_steps"], save_strategy="no", report_to=[], seed=self.config.seed,
             disable_tqdm=not self.config.progress, use_cpu=self.device() == "cpu",
         )
