@@ -40,7 +40,7 @@ def _type_name(tp) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is list:
         return f"list of {_type_name(get_args(tp)[0])}"
-    if origin is dict:
+    if origin is dict or tp is dict:
         return "mapping"
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
@@ -72,7 +72,7 @@ def _convert(value: Any, tp, where: str):
             raise UsageError(f"{where}: {value!r} is not a list ({_type_name(tp)}).")
         (item,) = get_args(tp)
         return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise UsageError(f"{where}: {value!r} is not a mapping.")
         return dict(value)
