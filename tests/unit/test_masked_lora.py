@@ -140,3 +140,25 @@ def test_target_names():
     gpt2 = build_lora_config(make_model("gpt2"), RecoveryArguments(lora_target_modules="c_attn"), masked=False)
     assert gpt2.fan_in_fan_out and gpt2.target_modules == {"attn.c_attn"}
     assert isinstance(build_lora_config(make_model("opt"), RecoveryArguments(), masked=False), LoraConfig)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_fused_forward_matches_reference(dtype):
+    model = masked(pruned_model().to("cuda", dtype))
+    layer = next(m for m in model.modules() if isinstance(m, MaskedLoraLinear))
+    assert layer.prunetune_kept_mask_default.dtype == torch.bool  # 1 byte per weight on CUDA
+    x = torch.randn(4, 7, layer.in_features, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        expected = reference(layer, x.float()) if dtype == torch.float32 else None
+        layer.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            fused = layer(x)
+            layer.lora_dropout["default"] = torch.nn.Dropout(0.0)
+            unfused = layer(x)
+    if expected is not None:
+        torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.float(), unfused.float(), rtol=2e-2, atol=2e-2)
+    merged, report = merge_adapter(model, "masked_lora")
+    assert report.exact

@@ -52,9 +52,9 @@ def test_violations_are_reported_and_masks_are_not_re_derived():
     enforcer = MaskEnforcer(model, MaskSet.from_zeros(model))
     layer = next(iter(enforcer.layers.values()))
     with torch.no_grad():
-        pruned = layer.prunetune_pruned_mask.nonzero()[0]
+        pruned = (layer.prunetune_kept_mask == 0).nonzero()[0]
         layer.weight[tuple(pruned)] = 1.0  # revive one pruned weight
-        kept = (~layer.prunetune_pruned_mask).nonzero()[0]
+        kept = layer.prunetune_kept_mask.nonzero()[0]
         layer.weight[tuple(kept)] = 0.0  # a kept weight passing through zero stays kept
     assert sum(enforcer.violations().values()) == 1
     enforcer.remask()
@@ -69,3 +69,21 @@ def test_resume_masks_must_match_the_model(tmp_path):
     assert set(masks_for_run(model, tmp_path).masks) == set(MaskSet.from_zeros(model).masks)
     with pytest.raises(UsageError, match="do not match"):
         masks_for_run(make_model("llama"), tmp_path)  # a dense model: checkpoint's pruned weights are not zero there
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_masks_hold_under_fused_adamw_and_autocast():
+    model = pruned_model().cuda().train()
+    masks = MaskSet.from_zeros(model)
+    enforcer = MaskEnforcer(model, masks).attach()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    for step in range(3):
+        tokens = random_tokens(2, 16, seed=step).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        enforcer.remask()
+        opt.zero_grad()
+    assert enforcer.violations() == {} and measure_sparsity(model).overall == pytest.approx(0.5)

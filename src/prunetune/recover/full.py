@@ -1,19 +1,24 @@
 """Masked full fine-tuning: every kept weight trains, every pruned weight stays exactly zero.
 
 The masks are taken once -- from the pruned model's zeros at the start of a run, or from the
-checkpoint's ``masks.safetensors`` on resume -- and held as non-persistent bool buffers on
-their layers (``prunetune_pruned_mask``: ``True`` where pruned), so they follow ``model.to``
-and never enter the saved weights. They are never re-derived from ``W == 0`` (a kept weight
+checkpoint's ``masks.safetensors`` on resume -- and held as non-persistent buffers on their
+layers (``prunetune_kept_mask``: 1 where kept; bool on CUDA, see
+:func:`~prunetune.recover.base.device_mask`), so they follow ``model.to`` and never enter the
+saved weights. They are never re-derived from ``W == 0`` (a kept weight
 that passes through zero stays trainable).
 
-Two guarantees, both cheap (one fused elementwise kernel per layer):
+Two guarantees, each one elementwise multiply per masked layer (memory-bound: about 9 bytes
+per weight per pass with bool masks):
 
-* a tensor hook on each masked weight zeroes the pruned entries of every gradient as autograd
-  produces it, before accumulation, clipping, DDP's all-reduce and the optimizer, so the
-  gradient norm and the optimizer moments never see them;
-* after every optimizer step the pruned weights are zeroed again, so nothing the optimizer
-  does on its own (weight decay variants, momentum in exotic optimizers, fp16 loss-scale
-  quirks) can revive them.
+* a tensor hook on each masked weight multiplies every gradient by the mask as autograd
+  produces it -- before accumulation, clipping, DDP's all-reduce (the hook runs before the
+  reducer's) and the optimizer -- so the gradient norm and optimizer moments never see
+  pruned entries;
+* after every optimizer step the weights are multiplied by the mask again, so nothing the
+  optimizer does on its own (decoupled weight decay, momentum in other optimizers, fp16
+  loss-scale quirks) can revive a pruned weight. With torch's Adam/AdamW/SGD and masked
+  gradients this pass is provably a no-op (zero gradient and zero state give a zero update);
+  it is the guarantee for every other optimizer.
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from prunetune.errors import UsageError
 from prunetune.masks import MaskSet
 from prunetune.recover.args import RecoveryArguments
-from prunetune.recover.base import Setup, zero_fraction
+from prunetune.recover.base import Setup, device_mask, zero_fraction
 
 logger = logging.getLogger(__name__)
 
 MASKS_NAME = "masks.safetensors"
-BUFFER_NAME = "prunetune_pruned_mask"
+BUFFER_NAME = "prunetune_kept_mask"
 
 
 def _storage(module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
@@ -54,8 +59,8 @@ class MaskEnforcer:
     def __init__(self, model: nn.Module, masks: MaskSet):
         self.layers = masks.layers(model)
         for name, module in self.layers.items():
-            pruned = ~_storage(module, masks.masks[name]).to(module.weight.device)
-            module.register_buffer(BUFFER_NAME, pruned, persistent=False)
+            kept = device_mask(_storage(module, masks.masks[name]), module.weight)
+            module.register_buffer(BUFFER_NAME, kept, persistent=False)
         self._handles: list = []
 
     def attach(self) -> "MaskEnforcer":
@@ -74,13 +79,13 @@ class MaskEnforcer:
     def remask(self) -> None:
         """Zero every pruned weight in place."""
         for module in self.layers.values():
-            module.weight.masked_fill_(getattr(module, BUFFER_NAME), 0)
+            module.weight.mul_(getattr(module, BUFFER_NAME))
 
     @torch.no_grad()
     def violations(self) -> dict[str, int]:
         names = list(self.layers)
         counts = torch.stack([
-            (m.weight.ne(0) & getattr(m, BUFFER_NAME)).sum().cpu() for m in self.layers.values()
+            m.weight.ne(0).logical_and_(getattr(m, BUFFER_NAME).logical_not()).sum().cpu() for m in self.layers.values()
         ]) if names else torch.zeros(0)
         return {name: int(c) for name, c in zip(names, counts) if c}
 
@@ -91,14 +96,14 @@ class MaskEnforcer:
         """The kept masks, (out, in), on CPU -- what goes into checkpoints."""
         masks = {}
         for name, module in self.layers.items():
-            kept = ~getattr(module, BUFFER_NAME)
+            kept = getattr(module, BUFFER_NAME).bool()
             masks[name] = (kept if isinstance(module, nn.Linear) else kept.t()).cpu()
         return MaskSet(masks)
 
 
 def _grad_masker(module: nn.Module):
     def mask_gradient(grad: torch.Tensor) -> torch.Tensor:
-        return grad.masked_fill(getattr(module, BUFFER_NAME), 0)
+        return grad * getattr(module, BUFFER_NAME)
 
     return mask_gradient
 

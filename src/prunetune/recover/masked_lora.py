@@ -29,7 +29,8 @@ The saved adapter is a standard PEFT adapter (``adapter_config.json`` with
 to ``PeftModel.from_pretrained``), which restores the masked layers.
 
 The mask is the base weight's nonzero pattern, taken once when the adapter is created (or
-loaded) and held as a non-persistent bool buffer (``prunetune_kept_mask_<adapter>``): the base
+loaded) and held as a non-persistent buffer (``prunetune_kept_mask_<adapter>``; bool on CUDA,
+see :func:`~prunetune.recover.base.device_mask`): the base
 is frozen, so ``W != 0`` cannot change during training and needs no file of its own; it
 moves with ``model.to`` and never enters the adapter's state dict. A kept weight that is
 exactly zero in the pruned model counts as pruned (it cannot be adapted), which is what
@@ -52,6 +53,7 @@ from peft.utils.other import transpose
 from torch import nn
 
 from prunetune.modules import LINEAR_TYPES
+from prunetune.recover.base import device_mask
 
 MASK_BUFFER_PREFIX = "prunetune_kept_mask_"
 
@@ -89,7 +91,7 @@ def is_masked_config(config: dict | LoraConfig) -> bool:
 
 
 def kept_mask(module: nn.Module, adapter: str) -> torch.Tensor:
-    """The layer's bool kept mask, in the base weight's storage orientation."""
+    """The layer's kept mask (1 = kept), in the base weight's storage orientation."""
     return getattr(module, MASK_BUFFER_PREFIX + adapter)
 
 
@@ -113,8 +115,8 @@ class MaskedLoraVariant(LoraVariant):
 
     @staticmethod
     def init(module: LoraLinear, adapter_name: str, **kwargs: Any) -> None:
-        weight = module.get_base_layer().weight
-        module.register_buffer(MASK_BUFFER_PREFIX + adapter_name, weight.detach() != 0, persistent=False)
+        weight = module.get_base_layer().weight.detach()
+        module.register_buffer(MASK_BUFFER_PREFIX + adapter_name, device_mask(weight != 0, weight), persistent=False)
 
     @staticmethod
     def merge_safe(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
@@ -145,6 +147,15 @@ class MaskedLoraLinear(LoraLinear):
     def lora_variants(self):
         return {**super().lora_variants, ("use_masked_lora",): MaskedLoraVariant}
 
+    def resolve_lora_variant(self, *, config: LoraConfig | None = None, **kwargs) -> LoraVariant | None:
+        if config is not None:  # PEFT >= 0.21: the registry above decides (and rejects DoRA + masked)
+            return super().resolve_lora_variant(config=config, **kwargs)
+        # older PEFT passes update_layer's flags instead of the config; this class is only
+        # ever created for a MaskedLoraConfig, so the variant is always the masked one
+        if kwargs.get("use_dora"):
+            raise ValueError("masked LoRA cannot be combined with DoRA")
+        return MaskedLoraVariant()
+
     def get_delta_weight(self, adapter) -> torch.Tensor:
         if isinstance(self.lora_variant.get(adapter), MaskedLoraVariant):
             return masked_delta(self, adapter)
@@ -172,7 +183,7 @@ class MaskedLoraLinear(LoraLinear):
         weight = base.weight  # frozen; storage orientation
         for adapter in adapters:
             product = transpose(self.lora_B[adapter].weight @ self.lora_A[adapter].weight, self.fan_in_fan_out)
-            # W + s * (B A) * M in one kernel; M is bool, promoted inside the kernel
+            # W + s * (B A) * M in one kernel
             weight = torch.addcmul(weight, product.to(weight.dtype), kept_mask(self, adapter), value=self.scaling[adapter])
         if self.fan_in_fan_out:
             weight = weight.t()

@@ -148,6 +148,19 @@ def evaluate(model, tokenizer, dataset: str, data_args, recovery_args, training_
     return result.perplexity
 
 
+def make_trainer(setup, training_args: RecoveryTrainingArguments, train_data, tokenizer=None,
+                 callbacks: list | None = None) -> tuple[Trainer, SparsityGuard]:
+    """A ``Trainer`` for a method's setup, with the sparsity guard first among prunetune's callbacks."""
+    if training_args.ddp_broadcast_buffers is None:
+        # masks are identical on every rank by construction; broadcasting them each step costs GBs
+        training_args.ddp_broadcast_buffers = False
+    guard = SparsityGuard(setup.check, [p for p in setup.model.parameters() if p.requires_grad])
+    trainer = Trainer(model=setup.model, args=training_args, train_dataset=train_data,
+                      data_collator=default_data_collator, processing_class=tokenizer,
+                      callbacks=[guard, *setup.callbacks, *(callbacks or [])])
+    return trainer, guard
+
+
 def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args: RecoveryArguments,
             training_args: RecoveryTrainingArguments, callbacks: list | None = None) -> RecoveryResult:
     """Recover a pruned model; write the adapter (or model) and ``recovery.json`` to ``--output_dir``.
@@ -185,14 +198,7 @@ def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args:
         result.perplexity_before = evaluate(model, tokenizer, dataset, data_args, recovery_args, training_args, block_size)
 
     setup = SETUPS[method](model, recovery_args, resume_dir)
-    if training_args.ddp_broadcast_buffers is None:
-        # masks are identical on every rank by construction; broadcasting them each step costs GBs
-        training_args.ddp_broadcast_buffers = False
-    trainable = [p for p in setup.model.parameters() if p.requires_grad]
-    guard = SparsityGuard(setup.check, trainable)
-    trainer = Trainer(model=setup.model, args=training_args, train_dataset=train_data,
-                      data_collator=default_data_collator, processing_class=tokenizer,
-                      callbacks=[guard, *setup.callbacks, *(callbacks or [])])
+    trainer, guard = make_trainer(setup, training_args, train_data, tokenizer, callbacks)
     if training_args.do_train:
         _train(trainer, training_args, resume_dir, block_size, result)
         _save(trainer, setup, model_args, result, is_main)
