@@ -87,6 +87,7 @@ def parse_args(argv=None):
 def build_model(args, layers: int | None = None):
     """A fresh model on args.device; random weights are initialised directly there."""
     torch.manual_seed(args.seed)
+    layers = layers or args.layers
     if args.model == "tiny":
         from prunetune.loading import LoadOptions, load_model
 
@@ -100,7 +101,7 @@ def build_model(args, layers: int | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, num_hidden_layers=layers or args.layers or LLAMA2_7B["layers"],
+                         num_key_value_heads=args.heads, num_hidden_layers=layers or LLAMA2_7B["layers"],
                          vocab_size=args.vocab, max_position_embeddings=4096, rms_norm_eps=1e-5)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(args.dtype)
@@ -271,10 +272,14 @@ def main(argv=None) -> int:
             return 2
     out_path = args.json or (os.path.join(os.environ["OUT"], "prune_bench.json") if os.environ.get("OUT") else None)
     ids = calibration_ids(args)
-    probe = build_model(args, layers=1)
-    depth = LLAMA2_7B["layers"] if args.model == "random" else probe.config.num_hidden_layers
+    if args.model == "tiny":
+        from prunetune.loading import TINY_PATH
+
+        depth = json.loads((TINY_PATH / "config.json").read_text())["num_hidden_layers"]
+    else:  # a Llama-2-7B-shaped model is reported at its full 32 blocks, extrapolated if needed
+        seven_b = all(getattr(args, k) == v for k, v in LLAMA2_7B.items() if k != "layers")
+        depth = LLAMA2_7B["layers"] if seven_b else (args.layers or LLAMA2_7B["layers"])
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    del probe
     payload = {"device": device_name, "torch": torch.__version__, "model": args.model, "dtype": str(args.dtype),
                "nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size,
                "sparsity_ratio": args.sparsity_ratio, "sparsity_type": args.sparsity_type, "full_depth": depth,
