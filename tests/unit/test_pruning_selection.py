@@ -55,6 +55,9 @@ def test_ties_go_to_the_earlier_column():
         assert torch.equal(selection.row_mask(scores, ratio), brute_row_kept(scores, ratio))
         assert torch.equal(selection.layer_mask(scores, ratio), brute_layer_kept(scores, ratio))
     assert torch.equal(selection.nm_mask(scores, selection.Structure(2, 4)), brute_nm_kept(scores, 2, 4))
+    for count in (0, 5, 20, 40):  # the sort path (taken on CUDA for few rows) agrees with select
+        assert torch.equal(selection.lowest_per_row(scores, count, use_sort=True),
+                           selection.lowest_per_row(scores, count, use_sort=False))
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:3", "3:4"])
