@@ -12,7 +12,9 @@ real. Rows, all on the same model and batch:
 * ``prunetune_lora`` / ``prunetune_masked_lora``: what ``prunetune recover`` runs with its
   defaults (Trainer, sparsity guard, fused AdamW, bf16 on CUDA);
 * ``full_loop``: plain full fine-tuning; ``masked_full_loop``: the same loop with prunetune's
-  masks (gradient hooks + re-mask after each step); ``prunetune_full``: the recover path.
+  masks (gradient masking; AdamW needs no weight re-mask, see recover/full.py) and
+  ``masked_full_remask_loop`` re-masking the weights after every step as well;
+  ``trainer_full``: a plain ``transformers.Trainer``; ``prunetune_full``: the recover path.
 
 Loops clip gradients at 1.0 like the Trainer. Timing covers ``--steps`` steps after
 ``--warmup`` steps, between ``torch.cuda.synchronize()`` calls (fastest of ``--repeats``
@@ -111,10 +113,11 @@ def batches(vocab: int, n: int, batch: int, block: int, device) -> list[torch.Te
     return [torch.randint(0, vocab, (batch, block), generator=generator).to(device) for _ in range(n)]
 
 
-def loop(model, device, data, warmup: int, after_step=None) -> float:
-    """Plain training loop; returns seconds for the steps after ``warmup``."""
+def loop(model, device, data, warmup: int, enforcer=None) -> float:
+    """Plain training loop (optionally with prunetune's masks); returns seconds after ``warmup``."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    remask = enforcer is not None and enforcer.needs_remask(optimizer)
     model.train()
     start = None
     for step, ids in enumerate(data):
@@ -126,16 +129,19 @@ def loop(model, device, data, warmup: int, after_step=None) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        if after_step is not None:
-            after_step()
+        if remask:
+            enforcer.remask()
         optimizer.zero_grad(set_to_none=True)
     sync(device)
     return time.perf_counter() - start
 
 
-def trainer_run(setup, device, data, warmup: int, batch: int) -> float:
-    """``prunetune recover``'s training path (Trainer + guard + method callbacks) with its defaults."""
-    from transformers import TrainerCallback
+def trainer_run(setup, device, data, warmup: int, batch: int, model=None) -> float:
+    """``prunetune recover``'s training path (Trainer + guard + method callbacks) with its defaults.
+
+    With ``setup=None``, a plain ``transformers.Trainer`` on ``model`` with the same arguments.
+    """
+    from transformers import Trainer, TrainerCallback, default_data_collator
 
     from prunetune.data import BlockDataset
     from prunetune.recover.args import RecoveryTrainingArguments
@@ -158,7 +164,11 @@ def trainer_run(setup, device, data, warmup: int, batch: int) -> float:
     with tempfile.TemporaryDirectory() as output_dir:
         args = RecoveryTrainingArguments(output_dir=output_dir, max_steps=len(data), per_device_train_batch_size=batch,
                                          learning_rate=1e-5, save_strategy="no", disable_tqdm=True, report_to=[])
-        trainer, _ = make_trainer(setup, args, blocks, callbacks=[Clock()])
+        if setup is None:
+            trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
+                              callbacks=[Clock()])
+        else:
+            trainer, _ = make_trainer(setup, args, blocks, callbacks=[Clock()])
         trainer.train()
     return timing["end"] - timing["start"]
 
@@ -204,28 +214,34 @@ def lora_cases(model, device, data, warmup, batch):
 def full_cases(model, device, data, warmup, batch):
     from prunetune.masks import MaskSet
     from prunetune.recover.args import RecoveryArguments
-    from prunetune.recover.full import BUFFER_NAME, MaskEnforcer, setup_full
+    from prunetune.recover.full import KEPT_BUFFER, PRUNED_BUFFER, MaskEnforcer, setup_full
 
     pristine = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
     def fresh():
-        model.load_state_dict(pristine)  # the plain loop revives pruned weights; every case starts pruned
+        model.load_state_dict(pristine)  # the plain cases revive pruned weights; every case starts pruned
         for module in model.modules():
-            if BUFFER_NAME in module._buffers:
-                del module._buffers[BUFFER_NAME]
+            for name in (PRUNED_BUFFER, KEPT_BUFFER):
+                module._buffers.pop(name, None)
         model.requires_grad_(True)
 
     def plain():
         fresh()
         return loop(model, device, data, warmup)
 
-    def masked():
+    def masked(remask):
+        def run():
+            fresh()
+            enforcer = MaskEnforcer(model, MaskSet.from_zeros(model), remask=remask).attach()
+            try:
+                return loop(model, device, data, warmup, enforcer)
+            finally:
+                enforcer.detach()
+        return run
+
+    def plain_trainer():
         fresh()
-        enforcer = MaskEnforcer(model, MaskSet.from_zeros(model)).attach()
-        try:
-            return loop(model, device, data, warmup, after_step=enforcer.remask)
-        finally:
-            enforcer.detach()
+        return trainer_run(None, device, data, warmup, batch, model=model)
 
     def recipe():
         fresh()
@@ -235,7 +251,9 @@ def full_cases(model, device, data, warmup, batch):
         finally:
             setup.check.detach()
 
-    return {"full_loop": ("full", None, plain), "masked_full_loop": ("full", None, masked), "prunetune_full": ("full", None, recipe)}
+    return {"full_loop": ("full", None, plain), "masked_full_loop": ("full", None, masked("auto")),
+            "masked_full_remask_loop": ("full", None, masked("always")),
+            "trainer_full": ("full", None, plain_trainer), "prunetune_full": ("full", None, recipe)}
 
 
 def measure(cases: dict, memory: Memory, tokens_per_step: int, steps: int, repeats: int, shape: str) -> list[dict]:
@@ -266,7 +284,7 @@ def measure(cases: dict, memory: Memory, tokens_per_step: int, steps: int, repea
 def table(rows: list[dict]) -> str:
     refs = {"masked_lora_loop": "peft_lora_loop", "masked_lora_dropout_loop": "peft_lora_loop",
             "prunetune_lora": "peft_lora_loop", "prunetune_masked_lora": "peft_lora_loop",
-            "masked_full_loop": "full_loop", "prunetune_full": "full_loop"}
+            "masked_full_loop": "full_loop", "masked_full_remask_loop": "full_loop", "prunetune_full": "trainer_full"}
     by_case = {r["case"]: r for r in rows}
     lines = [f"{'case':<26} {'model':<11} {'tokens/s':>10} {'step s':>8} {'peak GiB':>9} {'vs plain':>9}"]
     for row in rows:
@@ -277,7 +295,8 @@ def table(rows: list[dict]) -> str:
         cost = f"{ref['tokens_per_second'] / row['tokens_per_second'] - 1:+.1%}" if ref.get("tokens_per_second") else ""
         lines.append(f"{row['case']:<26} {row['model']:<11} {row['tokens_per_second']:>10,.0f} {row['step_seconds']:>8.3f} "
                      f"{row['peak_memory_bytes'] / 2**30:>9.2f} {cost:>9}")
-    lines.append("vs plain: extra step time against the plain loop of the same model (+3% = 3% slower).")
+    lines.append("vs plain: extra step time against the unmasked counterpart (+3% = 3% slower): the plain PEFT loop for\n"
+                 "LoRA rows, the plain loop for masked loops, a plain transformers.Trainer for prunetune_full.")
     return "\n".join(lines)
 
 

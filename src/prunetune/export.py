@@ -33,6 +33,7 @@ class LayerMerge:
     zeros_before: int
     zeros_after: int
     pruned_nonzero: int  # weights pruned before the merge that are nonzero after it
+    kept_zeroed: int = 0  # kept weights that the merge rounded to exactly zero (bf16: W + delta == 0)
 
     @property
     def sparsity_before(self) -> float:
@@ -71,9 +72,18 @@ class MergeReport:
         return sum(layer.pruned_nonzero for layer in self.layers)
 
     @property
+    def kept_zeroed(self) -> int:
+        return sum(layer.kept_zeroed for layer in self.layers)
+
+    @property
+    def pattern_kept(self) -> bool:
+        """No pruned weight was revived (the guarantee of masked LoRA and of --remask)."""
+        return self.pruned_nonzero == 0
+
+    @property
     def exact(self) -> bool:
-        """Every layer keeps exactly its pruned zeros (no pruned weight revived, none added)."""
-        return all(layer.pruned_nonzero == 0 and layer.zeros_after == layer.zeros_before for layer in self.layers)
+        """Every layer keeps exactly its pruned zeros: none revived, no kept weight rounded to zero."""
+        return self.pruned_nonzero == 0 and self.kept_zeroed == 0
 
     def table(self) -> str:
         lines = [f"{'adapted layer':<44} {'before':>8} {'after':>8} {'revived':>10}"]
@@ -84,7 +94,7 @@ class MergeReport:
 
     def to_dict(self) -> dict:
         return {
-            "method": self.method, "remasked": self.remasked, "exact": self.exact,
+            "method": self.method, "remasked": self.remasked, "exact": self.exact, "kept_zeroed": self.kept_zeroed,
             "sparsity_before": self.sparsity_before, "sparsity_after": self.sparsity_after,
             "pruned_nonzero": self.pruned_nonzero,
             "layers": [asdict(layer) | {"sparsity_before": layer.sparsity_before, "sparsity_after": layer.sparsity_after}
@@ -171,8 +181,9 @@ def merge_adapter(peft_model: nn.Module, method: str, remask: bool = False) -> t
         layer.merge(safe_merge=True)
         if remask:
             weight.masked_fill_(pruned, 0)
-        revived = int((weight.ne(0) & pruned).sum())
-        report.layers.append(LayerMerge(name, weight.numel(), zeros_before, int((weight == 0).sum()), revived))
+        zero = weight == 0
+        revived = int((~zero & pruned).sum())
+        report.layers.append(LayerMerge(name, weight.numel(), zeros_before, int(zero.sum()), revived, int((zero & ~pruned).sum())))
     model = peft_model.unload()  # layers are merged already; this only removes the wrappers
     logger.info("merged %s adapter into %d layers: sparsity %.4f -> %.4f", method, len(adapted),
                 report.sparsity_before, report.sparsity_after)

@@ -161,4 +161,6 @@ def test_cuda_fused_forward_matches_reference(dtype):
         torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fused.float(), unfused.float(), rtol=2e-2, atol=2e-2)
     merged, report = merge_adapter(model, "masked_lora")
-    assert report.exact
+    # no pruned weight revived; in bf16 a kept weight can round to exactly zero (W + delta == 0)
+    assert report.pattern_kept and (report.exact or dtype == torch.bfloat16)
+    assert all(layer.zeros_after - layer.zeros_before == layer.kept_zeroed for layer in report.layers)

@@ -7,7 +7,7 @@ from test_masked_lora import pruned_model
 
 from prunetune.errors import UsageError
 from prunetune.masks import MaskSet, measure_sparsity
-from prunetune.recover.full import MASKS_NAME, MaskEnforcer, masks_for_run
+from prunetune.recover.full import MASKS_NAME, MaskEnforcer, kept_mask, masks_for_run
 
 
 def train_steps(model, optimizer, steps=3, accumulation=2, clip=1.0):
@@ -36,9 +36,9 @@ def test_pruned_weights_stay_zero_and_kept_weights_train(arch, optimizer):
         grad = module.weight.grad if isinstance(module, torch.nn.Linear) else module.weight.grad.t()
         assert not grad[~masks.masks[name]].any(), name
     opt.zero_grad()
+    assert not enforcer.needs_remask(opt)  # torch AdamW/SGD keep zeros under masked gradients...
     train_steps(model, opt)
-    enforcer.remask()  # what the callback does after every optimizer step
-    assert enforcer.violations() == {}
+    assert enforcer.violations() == {}  # ...with weight decay, momentum, accumulation, clipping, no re-masking
     for name, module in masks.layers(model).items():
         weight = module.weight if isinstance(module, torch.nn.Linear) else module.weight.t()
         kept = masks.masks[name]
@@ -47,14 +47,40 @@ def test_pruned_weights_stay_zero_and_kept_weights_train(arch, optimizer):
     assert measure_sparsity(model).overall == pytest.approx(0.5)
 
 
+class Drift(torch.optim.Optimizer):
+    """An optimizer that moves every weight, gradient or not: only re-masking keeps zeros."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 1e-3})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(group["lr"])
+
+
+def test_other_optimizers_are_re_masked_after_every_step():
+    from prunetune.recover.full import MaskCallback
+
+    model = pruned_model()
+    enforcer = MaskEnforcer(model, MaskSet.from_zeros(model)).attach()
+    callback, opt = MaskCallback(enforcer), Drift(model.parameters())
+    assert enforcer.needs_remask(opt) and MaskEnforcer(model, MaskSet.from_zeros(model), "always").needs_remask(torch.optim.AdamW(model.parameters()))
+    opt.step()
+    assert enforcer.violations()
+    callback.on_optimizer_step(None, None, None, optimizer=opt)
+    assert enforcer.violations() == {} and measure_sparsity(model).overall == pytest.approx(0.5)
+
+
 def test_violations_are_reported_and_masks_are_not_re_derived():
     model = pruned_model()
     enforcer = MaskEnforcer(model, MaskSet.from_zeros(model))
     layer = next(iter(enforcer.layers.values()))
     with torch.no_grad():
-        pruned = (layer.prunetune_kept_mask == 0).nonzero()[0]
+        pruned = (~kept_mask(layer)).nonzero()[0]
         layer.weight[tuple(pruned)] = 1.0  # revive one pruned weight
-        kept = layer.prunetune_kept_mask.nonzero()[0]
+        kept = kept_mask(layer).nonzero()[0]
         layer.weight[tuple(kept)] = 0.0  # a kept weight passing through zero stays kept
     assert sum(enforcer.violations().values()) == 1
     enforcer.remask()
@@ -77,6 +103,7 @@ def test_cuda_masks_hold_under_fused_adamw_and_autocast():
     model = pruned_model().cuda().train()
     masks = MaskSet.from_zeros(model)
     enforcer = MaskEnforcer(model, masks).attach()
+    assert isinstance(next(iter(enforcer.layers.values())).prunetune_pruned_mask, torch.Tensor)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
     for step in range(3):
         tokens = random_tokens(2, 16, seed=step).cuda()
@@ -84,6 +111,5 @@ def test_cuda_masks_hold_under_fused_adamw_and_autocast():
             loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         opt.step()
-        enforcer.remask()
         opt.zero_grad()
     assert enforcer.violations() == {} and measure_sparsity(model).overall == pytest.approx(0.5)

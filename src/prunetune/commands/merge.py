@@ -72,6 +72,9 @@ def main(argv: list[str]) -> int:
             "--remask to re-apply the pruned mask (perplexity cost is measured), or recover with "
             "--recovery_method masked_lora, whose merge keeps the sparsity exactly."
         )
+    if report.kept_zeroed:
+        logger.warning("%d kept weights rounded to exactly zero when merged in %s (W + delta == 0); no pruned weight "
+                       "was revived", report.kept_zeroed, next(merged.parameters()).dtype)
     payload = {"model": args.model, "adapter": args.adapter, "save_model": args.save_model, **report.to_dict()}
     if ppl_adapter is not None:
         ppl_remasked = _perplexity(merged, tokenizer, args)
@@ -85,7 +88,8 @@ def main(argv: list[str]) -> int:
                            "adapter_manifest": read_manifest(args.adapter) or {}},
     }
     path = save_merged(merged, tokenizer, args.save_model, manifest, overwrite=args.overwrite)
-    kind = "exactly the pruned sparsity" if report.exact else f"sparsity {report.sparsity_after:.4f}"
+    kind = ("exactly the pruned sparsity" if report.exact else
+            f"sparsity {report.sparsity_after:.4f}, pruned pattern intact" if report.pattern_kept else f"sparsity {report.sparsity_after:.4f}")
     print(f"merged {method} adapter into {args.model}: {kind}; saved to {path}")
     if args.json_path == "-":
         print_json(payload)

@@ -109,6 +109,12 @@ class RecoveryArguments:
         default=False,
         metadata={"help": "Allow recovering a model without sparsity (then full is plain fine-tuning)."},
     )
+    remask_after_step: str = field(
+        default="auto",
+        metadata={"help": "full: zero the pruned weights after every optimizer step. auto: unless the optimizer is "
+                          "torch Adam/AdamW/SGD, which provably keep them zero under masked gradients (the guard "
+                          "verifies); always: every step (~3-4% slower on GPU)."},
+    )
     eval_before_training: bool = field(
         default=True, metadata={"help": "With --do_eval, also score the pruned model before training, to show the gain."}
     )
@@ -122,6 +128,7 @@ class RecoveryArguments:
             self.lora_dropout = 0.0 if self.recovery_method == "masked_lora" else 0.05
         require(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout {self.lora_dropout} must be in [0, 1).")
         require(bool(self.target_patterns()), "--lora_target_modules is empty; give layer names such as q_proj,v_proj or all-linear.")
+        require(self.remask_after_step in ("auto", "always"), f"--remask_after_step {self.remask_after_step!r}; accepted: auto, always.")
         require(self.eval_seqlen is None or self.eval_seqlen >= 2, f"--eval_seqlen {self.eval_seqlen} is too small.")
 
     def target_patterns(self) -> list[str]:

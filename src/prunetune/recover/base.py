@@ -37,7 +37,7 @@ class SparsityCheck(Protocol):
 def device_mask(kept: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A kept mask stored for fast elementwise use against ``weight`` (same device).
 
-    CUDA kernels read a bool operand at full bandwidth, so masks stay 1 byte per weight
+    CUDA kernels read a bool operand at near full bandwidth, so masks stay 1 byte per weight
     there; CPU kernels have no vectorized bool path (``grad * bool_mask`` is ~4x slower than
     ``grad * float_mask``), so on CPU the mask takes the weight's dtype. Either way the
     products are exact (x * 1 == x, x * 0 == 0 for finite x).
@@ -46,13 +46,17 @@ def device_mask(kept: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return kept if weight.is_cuda else kept.to(weight.dtype)
 
 
+@torch.no_grad()
+def zero_counts(layers: dict[str, nn.Module]) -> list[int]:
+    """Exact zeros per layer, with one host sync for all of them."""
+    if not layers:
+        return []
+    return torch.stack([(m.weight == 0).sum() for m in layers.values()]).cpu().tolist()
+
+
 def zero_fraction(layers: dict[str, nn.Module]) -> float:
-    zeros = total = 0
-    with torch.no_grad():
-        for module in layers.values():
-            zeros += int((module.weight == 0).sum())
-            total += module.weight.numel()
-    return zeros / total if total else 0.0
+    total = sum(m.weight.numel() for m in layers.values())
+    return sum(zero_counts(layers)) / total if total else 0.0
 
 
 class FrozenBaseCheck:
@@ -68,8 +72,7 @@ class FrozenBaseCheck:
         self.zeros = self._count()
 
     def _count(self) -> dict[str, int]:
-        with torch.no_grad():
-            return {name: int((m.weight == 0).sum()) for name, m in self.layers.items()}
+        return dict(zip(self.layers, zero_counts(self.layers)))
 
     def violations(self) -> dict[str, int]:
         now = self._count()
