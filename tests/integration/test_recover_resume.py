@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_recover_cli import WORDS, workspace  # noqa: F401  (module fixture)
+from test_recover_cli import workspace  # noqa: F401  (module fixture)
 from transformers import TrainerCallback
 
 from prunetune.commands.recover import parse
@@ -13,7 +13,6 @@ from prunetune.masks import MaskSet
 from prunetune.recover.callbacks import TrainingStopped
 from prunetune.recover.recipe import recover
 
-assert WORDS
 
 
 class Killed(Exception):

@@ -163,8 +163,8 @@ class MaskedLoraLinear(LoraLinear):
 
     def _fusable_adapters(self, args, kwargs) -> list[str] | None:
         """The active masked adapters when the one-matmul forward is exact, else None."""
-        if args or kwargs.get("adapter_names") is not None or self.disable_adapters or self.merged:
-            return None
+        if args or any(v is not None for v in kwargs.values()) or self.disable_adapters or self.merged:
+            return None  # mixed-adapter batches, variant kwargs, merged or disabled: PEFT's own path
         active = [a for a in self.active_adapters if a in self.lora_A]
         if not active:
             return None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from prunetune.errors import UsageError, require
 from prunetune.recover.args import DataArguments, ModelArguments, RecoveryArguments, RecoveryTrainingArguments
-from prunetune.recover.base import zero_fraction
+from prunetune.recover.base import base_layers, zero_fraction
 from prunetune.recover.callbacks import SparsityGuard, last_checkpoint
 from prunetune.recover.full import setup_full
 from prunetune.recover.lora import setup_lora, setup_masked_lora
@@ -175,8 +174,6 @@ def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args:
     resume_dir = prepare_output_dir(training_args)
     model, tokenizer = load(model_args, recovery_args, training_args)
     check_config(model, model_args)
-    from prunetune.recover.base import base_layers
-
     sparsity_before = zero_fraction(base_layers(model))
     check_sparsity(model_args.model_name_or_path, sparsity_before, recovery_args)
     dataset = data_args.dataset_name or ("builtin" if model_args.model_name_or_path == "tiny" else "c4")
@@ -204,7 +201,7 @@ def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args:
         _save(trainer, setup, model_args, result, is_main)
     result.sparsity_after = guard.verify(trainer.state.global_step, training_args.output_dir)
     logger.info("rank %d: sparsity %.4f, no pruned weight nonzero in %d checked layers",
-                   training_args.process_index, result.sparsity_after, len(setup.check.layers))
+                training_args.process_index, result.sparsity_after, len(setup.check.layers))
     if setup.saves_adapter:
         from prunetune.export import merged_zero_fraction
 
