@@ -81,3 +81,13 @@ def test_guard_logs_sparsity_and_stops_on_drift_or_nan(tmp_path):
         param[0] = math.inf
     with pytest.raises(TrainingStopped, match="NaN/inf"):
         guard.on_step_end(args, state, control)
+
+
+@pytest.mark.parametrize("command", ["recover", "merge"])
+def test_help_renders(command, capsys):
+    from prunetune.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert ("--save_model" if command == "merge" else "--recovery_method") in capsys.readouterr().out

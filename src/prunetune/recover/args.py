@@ -98,7 +98,7 @@ class RecoveryArguments:
     # same input as the base weight; dropout there would cost a second full-size matmul.
     lora_dropout: float | None = field(
         default=None, metadata={"help": "Dropout on the adapter's input. Default: 0.05 (the seed's) for lora, 0.0 for "
-                                        "masked_lora (any dropout disables its one-matmul forward, ~+15% step time)."},
+                                        "masked_lora (any dropout disables its one-matmul forward, about 15%% more step time)."},
     )
     lora_target_modules: str = field(
         default="q_proj,v_proj",
@@ -113,7 +113,7 @@ class RecoveryArguments:
         default="auto",
         metadata={"help": "full: zero the pruned weights after every optimizer step. auto: unless the optimizer is "
                           "torch Adam/AdamW/SGD, which provably keep them zero under masked gradients (the guard "
-                          "verifies); always: every step (H100, 1.1B Llama: +3.3% step time vs unmasked, against +1.6% for auto)."},
+                          "verifies); always: every step (H100, 1.1B Llama: +3.3%% step time vs unmasked, against +1.6%% for auto)."},
     )
     eval_before_training: bool = field(
         default=True, metadata={"help": "With --do_eval, also score the pruned model before training, to show the gain."}
