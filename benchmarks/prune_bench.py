@@ -238,9 +238,10 @@ def time_method(args, method: str, ids: torch.Tensor, depth: int) -> dict:
         "sparsity": report.sparsity.overall,
         "blocks": blocks,
     }
-    if built < depth:  # honest extrapolation: capture once + the mean block cost per block
+    if 1 < built < depth:  # capture once + the mean of the inner blocks + the last (no propagate)
         capture = report.seconds - sum(b["total"] for b in blocks)
-        result["extrapolated_seconds_full_depth"] = capture + per_block * depth
+        inner = sum(b["total"] for b in blocks[:-1]) / (built - 1)
+        result["extrapolated_seconds_full_depth"] = capture + inner * (depth - 1) + blocks[-1]["total"]
     del model, report
     reset_peak(args.device)
     return result
