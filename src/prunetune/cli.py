@@ -37,10 +37,14 @@ def configure_logging(verbose: int) -> None:
         import os
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        try:
+        try:  # the library's own progress bars stay; the per-file load/save bars of HF go
             import transformers
 
             transformers.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()
+            import huggingface_hub
+
+            huggingface_hub.utils.disable_progress_bars()
         except ImportError:  # pragma: no cover
             pass
 
