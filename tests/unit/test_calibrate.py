@@ -11,6 +11,15 @@ from prunetune.pruning import PruneConfig, prune
 from prunetune.pruning.base import SquaredNorms
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy tensors gain nothing from threads, and threads of a busy machine spin: use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_wanda(model, ids, ratio):
     """Sequential Wanda, plainly: for each block, run the whole (partly pruned) model, read the
     inputs of the block's layers, prune every row's floor(ratio * in) lowest |W| * ||X_j||."""

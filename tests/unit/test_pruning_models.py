@@ -9,6 +9,15 @@ from prunetune.errors import UsageError
 from prunetune.masks import measure_sparsity
 from prunetune.pruning import PruneConfig, prune
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy tensors gain nothing from threads, and threads of a busy machine spin: use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 IDS = random_tokens(4, 16)
 
 

@@ -11,6 +11,15 @@ from prunetune.pruning import selection
 from prunetune.pruning.base import SquaredNorms
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy tensors gain nothing from threads, and threads of a busy machine spin: use one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def brute_row_kept(scores, ratio):
     """Per row: prune the floor(ratio * in) lowest scores (earlier column first on ties)."""
     kept = torch.ones_like(scores, dtype=torch.bool)
