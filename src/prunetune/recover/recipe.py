@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, default_data_collator
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from prunetune.errors import UsageError, require
@@ -157,7 +158,23 @@ def make_trainer(setup, training_args: RecoveryTrainingArguments, train_data, to
     trainer = Trainer(model=setup.model, args=training_args, train_dataset=train_data,
                       data_collator=default_data_collator, processing_class=tokenizer,
                       callbacks=[guard, *setup.callbacks, *(callbacks or [])])
+    if not logging.getLogger("prunetune").isEnabledFor(logging.INFO):
+        _quiet(trainer)
     return trainer, guard
+
+
+class _BarOnly(ProgressCallback):
+    """The Trainer's progress bar without the dict it prints at every logging step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def _quiet(trainer: Trainer) -> None:
+    """Quiet by default (verbose with -v): keep the progress bar, drop the per-step log prints."""
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_BarOnly)
 
 
 def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args: RecoveryArguments,
