@@ -6,13 +6,7 @@ import torch
 from prunetune.loading import TINY_PATH, LoadOptions, load_model, load_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy tensors gain nothing from threads, and threads of a busy machine spin: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 pytestmark = pytest.mark.skipif(
     not (TINY_PATH / "model.safetensors").exists(),

@@ -11,13 +11,7 @@ from prunetune.pruning import PruneConfig, prune
 from prunetune.pruning.base import SquaredNorms
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy tensors gain nothing from threads, and threads of a busy machine spin: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_wanda(model, ids, ratio):

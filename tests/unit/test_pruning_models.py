@@ -10,13 +10,7 @@ from prunetune.masks import measure_sparsity
 from prunetune.pruning import PruneConfig, prune
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy tensors gain nothing from threads, and threads of a busy machine spin: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 IDS = random_tokens(4, 16)
 

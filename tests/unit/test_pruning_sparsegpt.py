@@ -7,13 +7,7 @@ from prunetune.pruning.base import Hessian
 from prunetune.pruning.sparsegpt import SparseGPTPruner
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy tensors gain nothing from threads, and threads of a busy machine spin: use one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_sparsegpt(weight, inputs, ratio, n=0, m=0, blocksize=128, percdamp=0.01):
