@@ -40,21 +40,28 @@ from torch import nn
 # --------------------------------------------------------------------------- shipped settings
 
 VOCAB_SIZE = 4096
-HIDDEN = 256
+HIDDEN = 128
 LAYERS = 4
-HEADS = 8
+HEADS = 4
 KV_HEADS = 2
-INTERMEDIATE = 688
+INTERMEDIATE = 344  # ~8/3 x hidden, a multiple of 8 (down_proj's in_features)
 MAX_POSITIONS = 512
 ROPE_THETA = 10000.0
 
-DEFAULT_MAX_STEPS = 1500
+DEFAULT_MAX_STEPS = 1800
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_SEQLEN = 256
 DEFAULT_LR = 2e-3
 DEFAULT_SEED = 0
 DEFAULT_THREADS = 2
 DEFAULT_OUT = "src/prunetune/tiny"
+DEFAULT_TIME_LIMIT_MINUTES = 28.0
+# Time kept for evaluation + saving when the time limit plans training: the evaluation runs
+# ~500k tokens forward (validation, test, pruned test), about 100 training steps' worth of
+# compute, so the reserve scales with the measured step time (~40 s on 2 idle cores).
+EVAL_RESERVE_STEPS = 100
+EVAL_RESERVE_MIN_SECONDS = 90.0
+COOLDOWN_FRACTION = 0.1  # a time-limited run anneals over (at most) this share of max_steps
 WARMUP_FRACTION = 0.05
 MIN_LR_FRACTION = 0.1
 WEIGHT_DECAY = 0.1
@@ -152,6 +159,35 @@ def lr_at(step: int, max_steps: int, peak: float) -> float:
     return peak * (MIN_LR_FRACTION + (1.0 - MIN_LR_FRACTION) * cosine)
 
 
+class Schedule:
+    """:func:`lr_at`, which the time limit may shorten mid-run.
+
+    A shortening at step ``s`` to ``total`` steps (done once the time left only holds a
+    cool-down of about ``COOLDOWN_FRACTION * max_steps`` steps) decays the learning rate by a cosine from its
+    value at ``s`` to the floor at ``total``, so a cut-short run still ends annealed.
+    """
+
+    def __init__(self, max_steps: int, peak: float):
+        self.max_steps = max_steps
+        self.total = max_steps
+        self.peak = peak
+        self.anchor: tuple[int, float] | None = None
+        self.shortenings: list[tuple[int, int]] = []
+
+    def lr(self, step: int) -> float:
+        if self.anchor is None:
+            return lr_at(step, self.max_steps, self.peak)
+        start, start_lr = self.anchor
+        floor = MIN_LR_FRACTION * self.peak
+        progress = min(1.0, (step - start) / max(1, self.total - start))
+        return floor + (start_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def shorten(self, step: int, total: int) -> None:
+        self.anchor = (step, max(self.lr(step), MIN_LR_FRACTION * self.peak))
+        self.total = total
+        self.shortenings.append((step, total))
+
+
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -231,6 +267,12 @@ def _fmt(x: float) -> str:
 
 def write_model_card(out: Path, log: dict) -> None:
     cfg, tr, ev, fp = log["config"], log["training"], log["evaluation"], log["corpus"]
+    steps = str(tr["steps_done"])
+    if tr["steps_done"] != tr["max_steps"]:
+        steps += (
+            f" (of {tr['max_steps']} asked: the time limit shortened the schedule, re-annealing "
+            f"from the current learning rate, at step(s) {[a for a, _ in tr['schedule_shortened_by_time_limit']]})"
+        )
     text = f"""# prunetune tiny model
 
 A small Llama-architecture causal language model bundled with prunetune so that every
@@ -269,7 +311,7 @@ Command (run from the repository root):
 
 | | |
 |---|---|
-| steps | {tr['max_steps']} |
+| steps | {steps} |
 | batch size | {tr['batch_size']} windows |
 | sequence length | {tr['seqlen']} |
 | tokens seen | {tr['tokens_seen']:,} |
@@ -282,6 +324,7 @@ Command (run from the repository root):
 | training time | {tr['train_seconds']:.0f} s |
 | total wall time | {tr['wall_seconds']:.0f} s (tokenizer, training, evaluation, saving) |
 | machine | {tr['machine']} |
+| CPU load while training | {tr['mean_load_average']} (mean 1-minute load average during training; above the core count means other jobs shared the CPU) |
 | Python version | {fp['python_version']} |
 | torch / transformers / tokenizers | {tr['versions']} |
 
@@ -332,6 +375,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument(
+        "--time_limit_minutes",
+        type=float,
+        default=DEFAULT_TIME_LIMIT_MINUTES,
+        help="safety valve for a busy CPU: if the whole run would pass this many minutes of wall "
+        "time, shorten the learning-rate schedule (re-annealing from the current rate) so it ends "
+        "in time, and say so in the card; 0 disables (default: %(default)s)",
+    )
     parser.add_argument("--vocab_size", type=int, default=VOCAB_SIZE, help="BPE vocabulary size (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.max_steps < 1 or args.batch_size < 1 or args.threads < 1:
@@ -347,7 +398,9 @@ def _command(args: argparse.Namespace) -> str:
     return (
         f"PYTHONPATH=src python -m prunetune.tiny.train --out {args.out} --max_steps {args.max_steps} "
         f"--batch_size {args.batch_size} --seqlen {args.seqlen} --lr {args.lr} --seed {args.seed} "
-        f"--threads {args.threads}" + (f" --vocab_size {args.vocab_size}" if args.vocab_size != VOCAB_SIZE else "")
+        f"--threads {args.threads}"
+        + (f" --vocab_size {args.vocab_size}" if args.vocab_size != VOCAB_SIZE else "")
+        + (f" --time_limit_minutes {args.time_limit_minutes}" if args.time_limit_minutes != DEFAULT_TIME_LIMIT_MINUTES else "")
     )
 
 
@@ -360,7 +413,11 @@ def _machine(threads: int) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {threads} torch threads, {platform.system()} {platform.release()}, no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, {threads} torch threads "
+        f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), "
+        f"{platform.system()} {platform.release()}, no GPU"
+    )
 
 
 def main(argv=None) -> int:
@@ -410,8 +467,27 @@ def main(argv=None) -> int:
     losses, recent = [], []
     model.train()
     train_start = time.perf_counter()
-    for step in range(args.max_steps):
-        lr = lr_at(step, args.max_steps, args.lr)
+    schedule = Schedule(args.max_steps, args.lr)
+    limit_at = wall_start + args.time_limit_minutes * 60.0
+    step_times: list[float] = []
+    step, lr = 0, 0.0
+    load_samples: list[float] = []
+    while step < schedule.total:
+        if args.time_limit_minutes > 0 and len(step_times) >= 20 and step % LOG_EVERY == 0:
+            # Act only near the end, so a burst of contention early on costs nothing: once the
+            # time left shrinks to a cool-down's worth of steps and the schedule cannot finish,
+            # anneal over the steps that still fit.
+            per_step = sum(step_times[-50:]) / len(step_times[-50:])
+            deadline = limit_at - max(EVAL_RESERVE_MIN_SECONDS, EVAL_RESERVE_STEPS * per_step)
+            affordable = int((deadline - time.perf_counter()) / per_step * 0.95)
+            cooldown = max(LOG_EVERY, int(COOLDOWN_FRACTION * schedule.max_steps))
+            if step + affordable < schedule.total and affordable <= cooldown:
+                new_total = max(step + 1, step + affordable)
+                say(f"time limit: shortening the schedule from {schedule.total} to {new_total} steps "
+                    f"({per_step:.2f} s/step now)")
+                schedule.shorten(step, new_total)
+        step_start = time.perf_counter()
+        lr = schedule.lr(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         starts = torch.randint(0, high, (args.batch_size,), generator=generator)
@@ -422,13 +498,18 @@ def main(argv=None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
         recent.append(loss.item())
-        if (step + 1) % LOG_EVERY == 0 or step + 1 == args.max_steps:
+        step += 1
+        step_times.append(time.perf_counter() - step_start)
+        if step % LOG_EVERY == 0 or step == schedule.total:
             mean = sum(recent) / len(recent)
             elapsed = time.perf_counter() - train_start
-            losses.append({"step": step + 1, "loss": round(mean, 5), "lr": lr, "seconds": round(elapsed, 1)})
+            losses.append({"step": step, "loss": round(mean, 5), "lr": lr, "seconds": round(elapsed, 1)})
             recent = []
-            if (step + 1) % (LOG_EVERY * 10) == 0 or step + 1 == args.max_steps or step + 1 == LOG_EVERY:
-                say(f"step {step + 1}/{args.max_steps} loss {mean:.4f} lr {lr:.2e} ({(step + 1) / elapsed:.2f} steps/s)")
+            if hasattr(os, "getloadavg"):
+                load_samples.append(round(os.getloadavg()[0], 2))
+            if step % (LOG_EVERY * 10) == 0 or step == schedule.total or step == LOG_EVERY:
+                say(f"step {step}/{schedule.total} loss {mean:.4f} lr {lr:.2e} ({step / elapsed:.2f} steps/s)")
+    steps_done = step
     train_seconds = time.perf_counter() - train_start
     model.eval()
 
@@ -472,9 +553,11 @@ def main(argv=None) -> int:
         "training": {
             "command": _command(args),
             "max_steps": args.max_steps,
+            "steps_done": steps_done,
+            "schedule_shortened_by_time_limit": schedule.shortenings,
             "batch_size": args.batch_size,
             "seqlen": args.seqlen,
-            "tokens_seen": args.max_steps * args.batch_size * args.seqlen,
+            "tokens_seen": steps_done * args.batch_size * args.seqlen,
             "train_tokens": int(train_stream.numel()),
             "lr": args.lr,
             "warmup_fraction": WARMUP_FRACTION,
@@ -487,6 +570,7 @@ def main(argv=None) -> int:
             "train_seconds": round(train_seconds, 1),
             "wall_seconds": None,  # filled below
             "machine": _machine(args.threads),
+            "mean_load_average": round(sum(load_samples) / len(load_samples), 2) if load_samples else None,
             "versions": f"{torch.__version__} / {transformers.__version__} / {tokenizers.__version__}",
         },
         "corpus": {
@@ -519,5 +603,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def _reexec_with_passive_omp() -> None:
+    """Run this command again, once, with ``OMP_WAIT_POLICY=PASSIVE``.
+
+    On a small shared CPU, OpenMP threads that spin while they wait lose most of their time to
+    other processes' threads: on 2 busy cores a step took 4x longer with the default (spinning)
+    policy than with passive waiting. The policy is read when torch loads its OpenMP runtime,
+    which ``prunetune/__init__`` has already done by now, hence the re-exec. An explicit
+    ``OMP_WAIT_POLICY`` in the environment is respected.
+    """
+    if os.environ.get("OMP_WAIT_POLICY"):
+        return
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 if __name__ == "__main__":
+    _reexec_with_passive_omp()
     sys.exit(main())
