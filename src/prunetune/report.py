@@ -170,7 +170,7 @@ def plot_sparsity_heatmap(sparsity: dict[str, dict[str, float]], path: Path) -> 
         ax.set_xticks(range(len(kinds)), [k.rsplit(".", 1)[-1] for k in kinds], rotation=60, fontsize=7)
         ax.set_yticks(range(len(blocks)), [b.rsplit(".", 1)[-1] for b in blocks], fontsize=7)
         ax.set_title(name, fontsize=8)
-        ax.set_ylabel("block")
+    axes[0][0].set_ylabel("block")
     fig.colorbar(image, ax=axes[0].tolist(), label="sparsity", shrink=0.8)
     fig.suptitle("Sparsity per block and module", fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
