@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import random
 import sysconfig
 from dataclasses import dataclass
@@ -436,7 +435,3 @@ def _document_token_stream(tokenizer_ref: _Ref, documents: Documents) -> torch.T
         if eos is not None and (not doc or doc[-1] != eos):
             ids.append(eos)
     return torch.tensor(ids, dtype=torch.long)
-
-
-def data_root_hint() -> str:
-    return os.environ.get("HF_DATASETS_CACHE", "~/.cache/huggingface/datasets")

@@ -306,7 +306,6 @@ class Pipeline:
         from prunetune.export import merge_adapter, save_merged
         from prunetune.loading import load_model
         from prunetune.masks import measure_sparsity
-        from prunetune.memory import track_peak_memory
         from prunetune.recover.adapter import apply_adapter
         from prunetune.recover.args import DataArguments, ModelArguments, RecoveryArguments, RecoveryTrainingArguments
         from prunetune.recover.recipe import recover
@@ -326,12 +325,11 @@ class Pipeline:
             logging_steps=settings["logging_steps"], save_strategy="no", report_to=[], seed=self.config.seed,
             disable_tqdm=not self.config.progress, use_cpu=self.device() == "cpu",
         )
-        with track_peak_memory(self.device()) as peak:
-            result = recover(model_args, data_args, recovery_args, training_args)
+        result = recover(model_args, data_args, recovery_args, training_args)
         history = _loss_history(train_dir)
         summary = {"method": method, "train_seconds": result.train_seconds, "tokens": result.tokens,
                    "tokens_per_second": result.tokens_per_second, "steps": result.steps, "train_loss": result.train_loss,
-                   "peak_memory_mb": peak.peak_mb, "loss_history": history}
+                   "peak_memory_mb": result.peak_memory_bytes / 2**20, "loss_history": history}
         if method == "full":
             model = load_model(str(train_dir), self.load_options())
             summary["evaluation"] = self.evaluate(model)

@@ -47,7 +47,7 @@ class RecoveryResult:
     train_seconds: float = 0.0
     tokens_per_second: float = 0.0
     peak_memory_bytes: int = 0
-    peak_memory_kind: str = ""  # cuda_allocated | cpu_max_rss
+    peak_memory_kind: str = ""  # cuda_allocated | rss (peak during training; see prunetune.memory)
     train_loss: float | None = None
     sparsity_before: float = 0.0
     sparsity_after: float = 0.0  # of the trained/frozen weights
@@ -234,26 +234,21 @@ def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args:
 
 def _train(trainer: Trainer, args: RecoveryTrainingArguments, resume_dir: Path | None, block_size: int,
            result: RecoveryResult) -> None:
-    cuda = args.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(args.device)
+    from prunetune.memory import track_peak_memory
+
     first_step = 0
     if resume_dir is not None:
         first_step = json.loads((resume_dir / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
-    output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    with track_peak_memory(args.device) as peak:
+        output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     result.steps = output.global_step - first_step
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     result.tokens = result.steps * global_batch * block_size
     result.train_seconds = float(output.metrics.get("train_runtime", 0.0))
     result.tokens_per_second = result.tokens / result.train_seconds if result.train_seconds else 0.0
     result.train_loss = output.training_loss
-    if cuda:
-        result.peak_memory_bytes, result.peak_memory_kind = torch.cuda.max_memory_allocated(args.device), "cuda_allocated"
-    else:
-        import resource
-
-        result.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-        result.peak_memory_kind = "cpu_max_rss"
+    result.peak_memory_bytes = int(peak.peak_mb * 2**20)
+    result.peak_memory_kind = peak.kind  # cuda_allocated, or rss: the process's peak during training
 
 
 def _save(trainer: Trainer, setup, model_args: ModelArguments, result: RecoveryResult, is_main: bool) -> None:
