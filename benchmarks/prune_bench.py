@@ -52,6 +52,9 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=None, choices=["tiny", "random"],
                         help="tiny (bundled) or random (Llama shapes below); default: tiny on cpu, random on cuda")
     parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"], help="methods to time")
+    parser.add_argument("--schedules", nargs="+", default=["parallel", "sequential"], choices=["parallel", "sequential"],
+                        help="parallel: the papers' two block forwards (dense-block statistics); sequential: "
+                             "--true_sequential, one block forward (default: both)")
     parser.add_argument("--sparsity_ratio", type=float, default=0.5)
     parser.add_argument("--sparsity_type", default="unstructured")
     parser.add_argument("--nsamples", type=int, default=128)
@@ -169,14 +172,18 @@ class InputRecorder:
             self.gram = gram if self.gram is None else self.gram + gram
 
 
-def quality_check(args, method: str, ids: torch.Tensor) -> dict:
+def quality_check(args, method: str, ids: torch.Tensor, sequential: bool, which: str) -> dict:
+    """The check on the first or the last linear of block 0 (the last one reads the output of the
+    others: with ``sequential`` the pruned ones, so its statistic is the one-pass forward's own)."""
     model = build_model(args, layers=1)
     block = find_decoder_blocks(model)[0]
-    relative, layer = next(iter(block.linears.items()))  # the first linear (q_proj for Llama)
+    linears = list(block.linears.items())
+    relative, layer = linears[0] if which == "first" else linears[-1]  # q_proj / down_proj for Llama
     dense = weight_matrix(layer).double().clone()
     recorder = InputRecorder(layer, ids.numel(), hessian=method == "sparsegpt")
     prune(model, None, PruneConfig(method=method, sparsity_ratio=args.sparsity_ratio, sparsity_type=args.sparsity_type,
-                                   calibration_ids=ids, batch_size=args.batch_size, options=method_options(args, method)))
+                                   calibration_ids=ids, batch_size=args.batch_size, options=method_options(args, method),
+                                   true_sequential=sequential))
     recorder.handle.remove()
     pruned = weight_matrix(layer).double()
     result = {"layer": block.qualified(relative), "sparsity": float((pruned == 0).double().mean())}
@@ -211,7 +218,7 @@ def quality_check(args, method: str, ids: torch.Tensor) -> dict:
 # --------------------------------------------------------------------------- timing
 
 
-def time_method(args, method: str, ids: torch.Tensor, depth: int) -> dict:
+def time_method(args, method: str, ids: torch.Tensor, depth: int, sequential: bool) -> dict:
     model = build_model(args)
     options = CalibrationOptions(batch_size=args.batch_size, offload_activations=args.offload_activations,
                                  device=args.compute)
@@ -221,7 +228,7 @@ def time_method(args, method: str, ids: torch.Tensor, depth: int) -> dict:
     reset_peak(args.device)
     config = PruneConfig(method=method, sparsity_ratio=args.sparsity_ratio, sparsity_type=args.sparsity_type,
                          calibration_ids=ids, batch_size=args.batch_size, offload_activations=args.offload_activations,
-                         device=args.compute, options=method_options(args, method))
+                         device=args.compute, options=method_options(args, method), true_sequential=sequential)
     report = prune(model, None, config)
     synchronize(args.device)
     blocks = [t.to_dict() for t in report.block_timings]
@@ -229,6 +236,7 @@ def time_method(args, method: str, ids: torch.Tensor, depth: int) -> dict:
     per_block = sum(b["total"] for b in blocks) / built
     result = {
         "method": method,
+        "schedule": "sequential" if sequential else "parallel",
         "seconds": report.seconds,
         "blocks_built": built,
         "per_block_seconds": per_block,
@@ -248,16 +256,16 @@ def time_method(args, method: str, ids: torch.Tensor, depth: int) -> dict:
 
 
 def print_table(results: list[dict], depth: int) -> None:
-    print(f"\n{'method':<10} {'blocks':>6} {'s/block':>8} {'total s':>8} {'full-depth s':>13} "
+    print(f"\n{'method':<10} {'schedule':<10} {'blocks':>6} {'s/block':>8} {'total s':>8} {'full-depth s':>13} "
           f"{'2 passes s':>10} {'ratio':>6} {'peak GiB':>9} {'sparsity':>8}")
     for r in results:
         full = r.get("extrapolated_seconds_full_depth")
         full_text = f"~{full:.1f}" if full is not None else f"{r['seconds']:.1f}"
-        print(f"{r['method']:<10} {r['blocks_built']:>6} {r['per_block_seconds']:>8.3f} {r['seconds']:>8.2f} "
+        print(f"{r['method']:<10} {r['schedule']:<10} {r['blocks_built']:>6} {r['per_block_seconds']:>8.3f} {r['seconds']:>8.2f} "
               f"{full_text:>13} {2 * r['calibration_pass_seconds']:>10.2f} {r['ratio_to_two_passes']:>6.2f} "
               f"{r['peak_memory_gib']:>9.2f} {r['sparsity']:>8.4f}")
-        for key, value in r.get("quality", {}).items():
-            print(f"    {key}: {value}")
+        for check in r.get("quality", []):
+            print("    " + ", ".join(f"{key}: {value}" for key, value in check.items()))
     print(f"(full depth = {depth} blocks; '~' marks an extrapolation from the per-block mean)")
 
 
@@ -289,19 +297,22 @@ def main(argv=None) -> int:
     mode = ", blocks streamed from CPU memory" if args.stream_blocks else ""
     print(f"{device_name}: {args.model} model, {args.nsamples} x {args.seqlen} calibration tokens, {args.dtype}{mode}")
     for method in args.methods:
-        start = time.perf_counter()
-        quality = None
-        if not (args.no_quality or args.stream_blocks) and method in ("wanda", "sparsegpt"):
-            quality = quality_check(args, method, ids)  # also warms up the method's kernels
-        result = time_method(args, method, ids, depth)
-        if quality:
-            result["quality"] = quality
-        result["wall_seconds"] = time.perf_counter() - start
-        payload["results"].append(result)
-        print_table([result], depth)
-        if out_path:
-            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(out_path).write_text(json.dumps(payload, indent=2))
+        for schedule in args.schedules:
+            start = time.perf_counter()
+            sequential = schedule == "sequential"
+            quality = []
+            if not (args.no_quality or args.stream_blocks) and method in ("wanda", "sparsegpt"):
+                # also warms up the method's kernels
+                quality = [quality_check(args, method, ids, sequential, which) for which in ("first", "last")]
+            result = time_method(args, method, ids, depth, sequential)
+            if quality:
+                result["quality"] = quality
+            result["wall_seconds"] = time.perf_counter() - start
+            payload["results"].append(result)
+            print_table([result], depth)
+            if out_path:
+                Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(out_path).write_text(json.dumps(payload, indent=2))
     print_table(payload["results"], depth)
     return 0
 

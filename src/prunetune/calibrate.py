@@ -30,7 +30,9 @@ with a ``device_map`` run each block where accelerate placed it.
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -39,6 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunetune import lockstep
 from prunetune.modules import DecoderBlock, find_decoder_blocks, weight_matrix, weight_param_shape
 
 logger = logging.getLogger(__name__)
@@ -53,6 +56,10 @@ class CalibrationOptions:
         device: where blocks run (e.g. ``cuda``); None = where each block already is.
         offload_activations: keep calibration activations in CPU memory between blocks.
         early_stop: end the statistics forward once every hooked layer has seen its input.
+        true_sequential: prune each layer right before it first runs, from the inputs the
+            block *as pruned so far* gives it, in a single block forward (see
+            :class:`SequentialPruning`); default: every layer of a block is calibrated on the
+            dense block's activations, then the block re-runs (the papers' reference).
         progress: show a progress bar over blocks.
     """
 
@@ -60,6 +67,7 @@ class CalibrationOptions:
     device: str | torch.device | None = None
     offload_activations: bool = False
     early_stop: bool = True
+    true_sequential: bool = False
     progress: bool = False
 
 
@@ -279,6 +287,90 @@ class LayerStatistics:
             handle.remove()
 
 
+class SequentialPruning:
+    """Forward pre-hooks that prune every layer right before it first runs ("true sequential").
+
+    The block runs once, batch by batch in lock step (:mod:`prunetune.lockstep`). When a
+    layer's pre-hook sees an input tensor that is new in this forward, the batch adds it to
+    a fresh statistic and pauses; once every batch has done so the statistic is finished.
+    The first batch past the pause prunes the layer; layers that later read the same tensor
+    (k/v after q, up after gate) reuse the statistic without pausing. So each layer's
+    statistic comes from the block *as pruned so far* -- o_proj sees the output of the pruned
+    q/k/v -- and the pruned block's outputs come out of the same forward: one block forward
+    instead of two.
+
+    Args:
+        layers: the block's layers to prune, by relative name.
+        pruner: the :class:`~prunetune.pruning.base.Pruner`.
+        stop_when_done: end each forward once every layer is pruned (the last block's
+            outputs are not needed).
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], pruner, stop_when_done: bool = False):
+        self.layers = layers
+        self.pruner = pruner
+        self.stop_when_done = stop_when_done
+        self.statistics: list = []  # by order of first appearance of the input
+        self.groups: list[list[str]] = []  # layer names pruned from each statistic
+        self.pruned: set[str] = set()
+        self.prune_seconds = 0.0
+        self.local = threading.local()  # per batch (one thread each): inputs seen in this forward
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in layers.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            inputs = args[0]
+            seen = self.local.__dict__.setdefault("seen", [])
+            index = next((i for i, tensor in enumerate(seen) if tensor is inputs), None)
+            if index is None:  # a new input: every batch contributes before anyone prunes
+                index = len(seen)
+                seen.append(inputs)
+                if index == len(self.statistics):
+                    self.statistics.append(self.pruner.new_statistic(weight_param_shape(module)[1], module.weight.device))
+                    self.groups.append([])
+                self.statistics[index].update(inputs.detach())
+                lockstep.pause(index)
+            if name not in self.pruned:
+                self._prune(name, module, index)
+            if self.stop_when_done and len(self.pruned) == len(self.layers):
+                raise _Stop
+
+        return hook
+
+    def finish_statistic(self, index: int) -> None:
+        """The barrier: every batch has added its input to statistic ``index``."""
+        self.statistics[index].finish()
+
+    def _prune(self, name: str, module: nn.Module, index: int) -> None:
+        _synchronize(module.weight.device)
+        start = time.perf_counter()
+        self.pruner.prune_group([weight_matrix(module)], self.statistics[index])
+        _synchronize(module.weight.device)
+        self.prune_seconds += time.perf_counter() - start
+        self.pruned.add(name)
+        self.groups[index].append(name)
+
+    def run(self, block: nn.Module, inputs: BlockInputs, device: torch.device, extras: _ExtrasCache) -> None:
+        """One lock-step forward over all batches; outputs replace ``inputs`` (unless stopped)."""
+
+        def forward(index: int, hidden: torch.Tensor, extra) -> None:
+            try:
+                output = _run_block(block, hidden, extras(extra), device)
+            except _Stop:
+                return
+            inputs.hidden[index] = output.to(hidden.device, non_blocking=hidden.device.type != "cpu")
+
+        calls = [functools.partial(forward, i, h, e) for i, (h, e) in enumerate(zip(inputs.hidden, inputs.extras))]
+        lockstep.Lockstep(calls, self.finish_statistic).run()
+        missing = set(self.layers) - self.pruned
+        if missing:
+            raise RuntimeError(f"layers {sorted(missing)} did not run during the block's forward; they cannot be calibrated")
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def propagate(block: nn.Module, inputs: BlockInputs, device: torch.device, extras: _ExtrasCache) -> None:
     """Replace every batch of ``inputs`` by the block's outputs on it."""
@@ -315,9 +407,22 @@ def prune_sequentially(model: nn.Module, token_ids: torch.Tensor, pruner, layer_
         with _BlockPlacement(block.module, options.device) as device:
             extras = _ExtrasCache(device)
             start = time.perf_counter()
-            if layers:
-                # accelerate's post-forward hooks must run, so dispatched blocks are never cut short
-                early_stop = options.early_stop and not is_dispatched(block.module)
+            last = block.index == len(blocks) - 1
+            # accelerate's post-forward hooks must run, so dispatched blocks are never cut short
+            early_stop = options.early_stop and not is_dispatched(block.module)
+            if layers and options.true_sequential:
+                hooks = SequentialPruning(layers, pruner, stop_when_done=last and early_stop)
+                try:
+                    hooks.run(block.module, inputs, device, extras)
+                finally:
+                    hooks.remove()
+                _synchronize(device)
+                timing.prune = hooks.prune_seconds
+                timing.statistics = time.perf_counter() - start - hooks.prune_seconds  # the one forward
+                for names in hooks.groups:
+                    logger.debug("%s: pruned %s from one input", block.name, ", ".join(names))
+                del hooks
+            elif layers:
                 hooks = LayerStatistics(layers, pruner.new_statistic, early_stop)
                 try:
                     hooks.run(block.module, inputs, device, extras)
@@ -328,12 +433,14 @@ def prune_sequentially(model: nn.Module, token_ids: torch.Tensor, pruner, layer_
                 start = time.perf_counter()
                 for names, statistic in hooks.groups:
                     pruner.prune_group([weight_matrix(layers[n]) for n in names], statistic)
+                    statistic.derived.clear()  # e.g. SparseGPT's factor: one group's at a time
                     logger.debug("%s: pruned %s together", block.name, ", ".join(names))
                 del hooks
                 _synchronize(device)
                 timing.prune = time.perf_counter() - start
             start = time.perf_counter()
-            if block.index < len(blocks) - 1:  # the last block's outputs feed nothing we prune
+            # the last block's outputs feed nothing we prune; true_sequential already propagated
+            if not last and not (layers and options.true_sequential):
                 propagate(block.module, inputs, device, extras)
             _synchronize(device)
             timing.propagate = time.perf_counter() - start

@@ -53,6 +53,7 @@ class PruneSpec:
     sparsity_ratio: float | None = None  # None with N:M means N/M
     sparsity_type: str = "unstructured"
     use_variant: bool = False
+    true_sequential: bool = False  # one block forward; each layer sees the block as pruned so far
     name: str | None = None  # default: "<method>-<ratio|N:M>"
 
     def label(self) -> str:
@@ -63,7 +64,8 @@ class PruneSpec:
             structure = f"{ratio * 100:g}%"
         else:
             structure = self.sparsity_type
-        return f"{self.method}{'-variant' if self.use_variant else ''} {structure}"
+        suffix = " (true sequential)" if self.true_sequential else ""
+        return f"{self.method}{'-variant' if self.use_variant else ''} {structure}{suffix}"
 
 
 @dataclass
@@ -269,7 +271,10 @@ class Pipeline:
         return self.stages.run("dense", self.base_inputs(), work)
 
     def prune_stage(self, spec: PruneSpec) -> StageResult:
-        inputs = {**self.base_inputs(), "prune": asdict(spec), "calibration": asdict(self.config.calibration)}
+        settings = asdict(spec)
+        if not settings["true_sequential"]:  # off: hashed as before the option existed (stages stay reusable)
+            del settings["true_sequential"]
+        inputs = {**self.base_inputs(), "prune": settings, "calibration": asdict(self.config.calibration)}
 
         def work(directory: Path) -> dict:
             from prunetune.loading import load_model
@@ -281,7 +286,8 @@ class Pipeline:
             model = load_model(self.config.model, self.load_options())
             config = PruneConfig(method=spec.method, sparsity_ratio=spec.sparsity_ratio, sparsity_type=spec.sparsity_type,
                                  use_variant=spec.use_variant, nsamples=calibration.nsamples, seqlen=calibration.seqlen,
-                                 seed=calibration.seed, calib_dataset=calibration.dataset, progress=self.config.progress)
+                                 seed=calibration.seed, calib_dataset=calibration.dataset,
+                                 true_sequential=spec.true_sequential, progress=self.config.progress)
             with track_peak_memory(self.device()) as peak:
                 report = prune(model, self.tokenizer(), config)
             evaluation = self.evaluate(model)

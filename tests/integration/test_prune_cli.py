@@ -40,7 +40,8 @@ def test_layer_shape_checked_before_work(capsys):
 
 
 @pytest.mark.skipif(not TINY_READY, reason=f"the bundled tiny model is not trained yet ({TINY_PATH / 'model.safetensors'} missing)")
-def test_prune_tiny_end_to_end(tmp_path, capsys):
+@pytest.mark.parametrize("schedule", [[], ["--true_sequential"]], ids=["parallel", "true_sequential"])
+def test_prune_tiny_end_to_end(tmp_path, capsys, schedule):
     import argparse
     import textwrap
 
@@ -49,7 +50,7 @@ def test_prune_tiny_end_to_end(tmp_path, capsys):
     results, model_dir = tmp_path / "results", tmp_path / "model"
     code = main(["prune", "--model", "tiny", "--prune_method", "wanda", "--sparsity_type", "2:4", "--nsamples", "8",
                  "--seqlen", "64", "--device", "cpu", "--calib_dataset", str(corpus), "--eval_dataset", str(corpus),
-                 "--eval_max_windows", "4", "--save", str(results), "--save_model", str(model_dir)])
+                 "--eval_max_windows", "4", "--save", str(results), "--save_model", str(model_dir), *schedule])
     assert code == 0
     out = capsys.readouterr().out
     assert "sparsity 0.5000" in out and "perplexity on" in out
@@ -58,6 +59,7 @@ def test_prune_tiny_end_to_end(tmp_path, capsys):
     assert report["evaluation"]["after"]["perplexity"] > report["evaluation"]["before"]["perplexity"]
     manifest = json.loads((model_dir / "prunetune.json").read_text())
     assert manifest["method"] == "wanda" and manifest["calibration"]["fingerprint"]
+    assert manifest["true_sequential"] is bool(schedule)
     assert set(manifest["sparsity"]["per_module"].values()) == {0.5} and "versions" in manifest
     assert main(["sparsity", str(model_dir), "--json", str(tmp_path / "s.json")]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["overall"] == pytest.approx(0.5)

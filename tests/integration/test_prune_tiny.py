@@ -35,16 +35,19 @@ def pruned_perplexity(method, tokenizer, calibration_ids):
 
     model = load_model("tiny", LoadOptions(dtype="float32", device="cpu"))
     if method != "dense":
-        report = prune(model, tokenizer, PruneConfig(method=method, sparsity_ratio=0.5, calibration_ids=calibration_ids))
+        name, _, schedule = method.partition(" ")
+        report = prune(model, tokenizer, PruneConfig(method=name, sparsity_ratio=0.5, calibration_ids=calibration_ids,
+                                                     true_sequential=schedule == "sequential"))
         assert report.sparsity.overall == pytest.approx(0.5, abs=1e-3)
     return evaluate_dataset(model, tokenizer, "builtin", SEQLEN, max_windows=WINDOWS).perplexity
 
 
 def test_wanda_and_sparsegpt_beat_magnitude(tokenizer, calibration_ids):
     torch.manual_seed(0)
-    ppl = {m: pruned_perplexity(m, tokenizer, calibration_ids) for m in ("dense", "magnitude", "wanda", "sparsegpt")}
-    assert ppl["dense"] < ppl["wanda"] < ppl["magnitude"], ppl
-    assert ppl["dense"] < ppl["sparsegpt"] < ppl["magnitude"], ppl
+    methods = ("dense", "magnitude", "wanda", "sparsegpt", "wanda sequential", "sparsegpt sequential")
+    ppl = {m: pruned_perplexity(m, tokenizer, calibration_ids) for m in methods}
+    for method in methods[2:]:
+        assert ppl["dense"] < ppl[method] < ppl["magnitude"], (method, ppl)
 
 
 def test_prune_with_a_data_name_records_the_fingerprint(tokenizer):

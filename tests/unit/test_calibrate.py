@@ -93,3 +93,72 @@ def test_forward_blocks_and_offload_give_the_same_masks():
                                        offload_activations=offload, device="cpu"))
         masks.append([p == 0 for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*masks))
+
+
+def reference_wanda_true_sequential(model, ids, ratio):
+    """True-sequential Wanda, plainly: layer by layer in the order the forward runs them, run the
+    whole (partly pruned) model, read that layer's inputs, prune its rows by |W| * ||X_j||."""
+    for block in find_decoder_blocks(model):
+        order, handles = [], []
+        for name, module in block.linears.items():
+            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: order.append(name) if name not in order else None))
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        for handle in handles:
+            handle.remove()
+        for name in order:
+            module = block.linears[name]
+            captured = []
+            handle = module.register_forward_pre_hook(lambda m, a: captured.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+            with torch.no_grad():
+                model(input_ids=ids, use_cache=False)
+            handle.remove()
+            norms = (torch.cat(captured) ** 2).sum(0).sqrt()
+            weight = weight_matrix(module)
+            scores = weight.abs().double() * norms
+            with torch.no_grad():
+                weight.scatter_(1, scores.argsort(dim=1, stable=True)[:, : int(ratio * weight.shape[1])], 0.0)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_true_sequential_wanda_equals_layer_by_layer_reference(arch):
+    ids = random_tokens(8, 24, seed=2)
+    expected = reference_wanda_true_sequential(make_model(arch), ids, 0.5)
+    model = make_model(arch)
+    report = prune(model, None, PruneConfig(method="wanda", sparsity_ratio=0.5, calibration_ids=ids, batch_size=3,
+                                            true_sequential=True))
+    assert report.true_sequential and report.to_dict()["true_sequential"] is True
+    for (name, got), (_, want) in zip(model.named_parameters(), expected.named_parameters()):
+        assert torch.equal(got == 0, want == 0), name
+    # and it is a different schedule: later layers of a block see pruned inputs
+    parallel = make_model(arch)
+    prune(parallel, None, PruneConfig(method="wanda", sparsity_ratio=0.5, calibration_ids=ids, batch_size=3))
+    assert any(not torch.equal(a == 0, b == 0) for a, b in zip(model.parameters(), parallel.parameters()))
+
+
+def test_true_sequential_groups_and_one_sparsegpt_factor_per_input(monkeypatch):
+    from prunetune.calibrate import SequentialPruning, _ExtrasCache
+    from prunetune.pruning import sparsegpt
+
+    calls = []
+    real = sparsegpt.inverse_hessian_factor
+    monkeypatch.setattr(sparsegpt, "inverse_hessian_factor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = make_model("llama")
+    block = find_decoder_blocks(model)[0]
+    inputs = capture_inputs(model, [block], random_tokens(5, 8), CalibrationOptions(batch_size=2))
+    hooks = SequentialPruning(block.linears, sparsegpt.SparseGPTPruner(0.5))
+    with torch.no_grad():
+        hooks.run(block.module, inputs, torch.device("cpu"), _ExtrasCache(torch.device("cpu")))
+    hooks.remove()
+    assert hooks.groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                            ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert [s.rows for s in hooks.statistics] == [5 * 8] * 4
+    assert len(calls) == 4  # q/k/v share one inverse-Hessian factor, gate/up another
+    assert all((weight_matrix(m) == 0).float().mean() == 0.5 for m in block.linears.values())
+    # the outputs that replaced the inputs are the pruned block's
+    with torch.no_grad():
+        fresh = capture_inputs(model, [block], random_tokens(5, 8), CalibrationOptions(batch_size=2))
+        args, kwargs = fresh.extras[0]
+        out = block.module(fresh.hidden[0], *args, **kwargs)
+    torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, inputs.hidden[0])

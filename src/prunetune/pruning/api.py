@@ -50,6 +50,9 @@ class PruneConfig:
         batch_size: calibration windows per block forward.
         device: where blocks run (e.g. ``cuda`` for a model kept in CPU memory); None = in place.
         offload_activations: keep calibration activations in CPU memory.
+        true_sequential: prune each layer from the inputs the block *as pruned so far* gives
+            it, in one block forward instead of two (faster; masks differ from the papers'
+            reference, where every layer of a block sees the dense block's activations).
         targets: glob patterns of layers to prune (default: every linear in the blocks).
         ignore: glob patterns of layers to leave dense.
         options: extra pruner options, e.g. ``{"blocksize": 128, "percdamp": 0.01}`` for SparseGPT.
@@ -69,6 +72,7 @@ class PruneConfig:
     batch_size: int = 8
     device: str | None = None
     offload_activations: bool = False
+    true_sequential: bool = False
     targets: list[str] | None = None
     ignore: list[str] | None = None
     options: dict = field(default_factory=dict)
@@ -119,6 +123,7 @@ class PruneReport:
     calibration: dict | None = None  # dataset, fingerprint, nsamples, seqlen, seed
     options: dict = field(default_factory=dict)
     block_timings: list[BlockTiming] = field(default_factory=list)
+    true_sequential: bool = False
 
     @property
     def already_sparse(self) -> bool:
@@ -130,6 +135,7 @@ class PruneReport:
             "sparsity_ratio": self.sparsity_ratio,
             "sparsity_type": self.sparsity_type,
             "use_variant": self.use_variant,
+            "true_sequential": self.true_sequential,
             "seconds": self.seconds,
             "initial_sparsity": self.initial_sparsity,
             "calibration": self.calibration,
@@ -210,7 +216,8 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None) -> PruneRepo
         if pruner.needs_calibration:
             ids, calibration = _calibration_ids(model, tokenizer, config)
             options = CalibrationOptions(batch_size=config.batch_size, device=config.device,
-                                         offload_activations=config.offload_activations, progress=config.progress)
+                                         offload_activations=config.offload_activations,
+                                         true_sequential=config.true_sequential, progress=config.progress)
             start = time.perf_counter()  # time the pruning, not the tokenization
             timings = prune_sequentially(model, ids, pruner, set(layers), options)
         else:
@@ -228,6 +235,6 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None) -> PruneRepo
     report = PruneReport(method=pruner.name, sparsity_ratio=pruner.ratio, sparsity_type=str(pruner.structure),
                          use_variant=pruner.use_variant, seconds=seconds, sparsity=measure_sparsity(model),
                          initial_sparsity=initial.overall, calibration=calibration, options=dict(config.options),
-                         block_timings=timings)
+                         block_timings=timings, true_sequential=config.true_sequential and pruner.needs_calibration)
     logger.info("%s: %.4f sparse in %.2fs", pruner.name, report.sparsity.overall, seconds)
     return report

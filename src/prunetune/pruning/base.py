@@ -37,13 +37,23 @@ class Statistic:
         self.in_features = in_features
         self.device = device
         self.rows = 0  # input rows (tokens) seen
+        self.finished = False
+        #: what pruners derive from the finished statistic, computed once for every layer
+        #: that shares it (e.g. SparseGPT's inverse-Hessian factor)
+        self.derived: dict[str, object] = {}
 
     def update(self, inputs: torch.Tensor) -> None:
         """Add a batch of layer inputs, shape (..., in_features)."""
         raise NotImplementedError
 
     def finish(self) -> None:
-        """Called once after the last batch (normalise, free buffers)."""
+        """After the last batch: normalise (once, however often it is called)."""
+        if not self.finished:
+            self.finished = True
+            self._finalize()
+
+    def _finalize(self) -> None:
+        """Subclasses: normalise, free buffers."""
 
 
 class SquaredNorms(Statistic):
@@ -82,7 +92,7 @@ class Hessian(Statistic):
                 chunk = flat[start : start + self.chunk_rows].float()
                 self.matrix.addmm_(chunk.t(), chunk)
 
-    def finish(self) -> None:
+    def _finalize(self) -> None:
         if self.rows:
             self.matrix /= self.rows
 

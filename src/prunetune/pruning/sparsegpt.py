@@ -60,12 +60,15 @@ class SparseGPTPruner(Pruner):
         self.solve_block = solve_block
 
     def choose(self, weights: list[torch.Tensor], statistic: Hessian, zeros: list[torch.Tensor]) -> list[torch.Tensor]:
-        device = statistic.matrix.device
+        device = statistic.device
         stacked = torch.cat([w.to(device=device, dtype=torch.float32) for w in weights])  # (rows, in)
         zero_mask = torch.cat([z.to(device) for z in zeros])
         sizes = [w.shape[0] for w in weights]
-        factor = inverse_hessian_factor(statistic.matrix, self.percdamp, in_place=True)
-        statistic.matrix = None  # consumed: damped in place
+        factor = statistic.derived.get("sparsegpt_factor")
+        if factor is None:  # once per shared input, even when its layers are pruned one by one
+            factor = inverse_hessian_factor(statistic.matrix, self.percdamp, in_place=True)
+            statistic.matrix = None  # consumed: damped in place
+            statistic.derived["sparsegpt_factor"] = factor
         pruned = obs_prune_(stacked, factor, self.ratio, self.structure, sizes, zero_mask,
                             self.blocksize, self.solve_block)
         kept = []
