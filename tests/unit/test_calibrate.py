@@ -162,3 +162,22 @@ def test_true_sequential_groups_and_one_sparsegpt_factor_per_input(monkeypatch):
         args, kwargs = fresh.extras[0]
         out = block.module(fresh.hidden[0], *args, **kwargs)
     torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, inputs.hidden[0])
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_true_sequential_batch_split_does_not_change_the_result(method, device):
+    """Lock-step worker threads (on CUDA in fp16 too): how the calibration set is split into
+    batches does not change the masks (beyond summation-order near-ties in fp16)."""
+    ids = random_tokens(8, 32, seed=3)
+    masks = []
+    for batch_size in (2, 3, 8):
+        model = make_model("llama").to(device, torch.float16 if device == "cuda" else torch.float32)
+        report = prune(model, None, PruneConfig(method=method, sparsity_ratio=0.5, calibration_ids=ids,
+                                                batch_size=batch_size, true_sequential=True))
+        assert set(report.sparsity.per_module().values()) == {0.5}
+        masks.append(torch.cat([(p == 0).flatten() for n, p in model.named_parameters() if "layers" in n and p.dim() == 2]))
+    for other in masks[1:]:
+        differ = float((other != masks[0]).float().mean())
+        assert differ == 0 if device == "cpu" else differ < 0.005, differ
