@@ -32,6 +32,7 @@ import logging
 import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -152,16 +153,24 @@ def peak_gib(device: str) -> float:
 
 
 class InputRecorder:
-    """float64 ||X_j||^2 and X^T X of one layer's inputs during the statistics pass only."""
+    """float64 ||X_j||^2 and X^T X of one layer's inputs during the statistics pass only.
 
-    def __init__(self, module, tokens: int, hessian: bool):
+    Parallel schedule: the first ``tokens`` input rows (later calls are the propagate pass over
+    pruned weights). Sequential: the rows seen in the lock-step forward's worker threads (not
+    the one-batch probe that finds the layers sharing an input).
+    """
+
+    def __init__(self, module, tokens: int, hessian: bool, sequential: bool):
         self.tokens, self.seen = tokens, 0
         self.norms = self.gram = None
         self.hessian = hessian
+        self.sequential = sequential
         self.handle = module.register_forward_pre_hook(self.hook)
 
     def hook(self, module, args):
-        if self.seen >= self.tokens:  # later calls are the propagate pass over pruned weights
+        if self.sequential and not threading.current_thread().name.startswith("prunetune-lockstep"):
+            return
+        if self.seen >= self.tokens:
             return
         x = args[0].reshape(-1, args[0].shape[-1]).double()
         self.seen += x.shape[0]
@@ -180,7 +189,7 @@ def quality_check(args, method: str, ids: torch.Tensor, sequential: bool, which:
     linears = list(block.linears.items())
     relative, layer = linears[0] if which == "first" else linears[-1]  # q_proj / down_proj for Llama
     dense = weight_matrix(layer).double().clone()
-    recorder = InputRecorder(layer, ids.numel(), hessian=method == "sparsegpt")
+    recorder = InputRecorder(layer, ids.numel(), hessian=method == "sparsegpt", sequential=sequential)
     prune(model, None, PruneConfig(method=method, sparsity_ratio=args.sparsity_ratio, sparsity_type=args.sparsity_type,
                                    calibration_ids=ids, batch_size=args.batch_size, options=method_options(args, method),
                                    true_sequential=sequential))

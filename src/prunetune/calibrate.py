@@ -307,8 +307,9 @@ class SequentialPruning:
     The block runs once, batch by batch in lock step (:mod:`prunetune.lockstep`). When a
     layer's pre-hook sees an input tensor that is new in this forward, the batch adds it to
     a fresh statistic and pauses; once every batch has done so the statistic is finished.
-    The first batch past the pause prunes the layer; layers that later read the same tensor
-    (k/v after q, up after gate) reuse the statistic without pausing. So each layer's
+    The first batch past the pause prunes the layer -- together with the layers known to
+    read the same tensor (``groups``: q/k/v, gate/up), so that SparseGPT solves them as one
+    stacked system -- and those layers reuse the statistic without pausing. So each layer's
     statistic comes from the block *as pruned so far* -- o_proj sees the output of the pruned
     q/k/v -- and the pruned block's outputs come out of the same forward: one block forward
     instead of two.
@@ -316,17 +317,22 @@ class SequentialPruning:
     Args:
         layers: the block's layers to prune, by relative name.
         pruner: the :class:`~prunetune.pruning.base.Pruner`.
+        groups: relative names of layers that read one input tensor (from
+            :func:`probe_groups`); a layer in none is pruned alone. Checked during the forward:
+            a layer of a group that turns out to read another tensor is an error.
         stop_when_done: end each forward once every layer is pruned (the last block's
             outputs are not needed).
     """
 
-    def __init__(self, layers: dict[str, nn.Module], pruner, stop_when_done: bool = False):
+    def __init__(self, layers: dict[str, nn.Module], pruner, groups: list[list[str]] | None = None,
+                 stop_when_done: bool = False):
         self.layers = layers
         self.pruner = pruner
+        self.group_of = {name: group for group in groups or [] for name in group}
         self.stop_when_done = stop_when_done
         self.statistics: list = []  # by order of first appearance of the input
         self.groups: list[list[str]] = []  # layer names pruned from each statistic
-        self.pruned: set[str] = set()
+        self.pruned: dict[str, int] = {}  # layer name -> index of the statistic it was pruned with
         self.prune_seconds = 0.0
         self.local = threading.local()  # per batch (one thread each): inputs seen in this forward
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in layers.items()]
@@ -346,7 +352,11 @@ class SequentialPruning:
                 self.statistics[index].update(inputs.detach())
                 lockstep.pause(index)
             if name not in self.pruned:
-                self._prune(name, module, index)
+                members = [n for n in self.group_of.get(name, [name]) if n in self.layers and n not in self.pruned]
+                self._prune(members if name in members else [name], index)
+            elif self.pruned[name] != index:
+                raise RuntimeError(f"{name} was pruned with the layers it read the same input as in the probe "
+                                   f"({', '.join(self.group_of.get(name, [name]))}), but reads another tensor here")
             if self.stop_when_done and len(self.pruned) == len(self.layers):
                 raise _Stop
 
@@ -356,14 +366,15 @@ class SequentialPruning:
         """The barrier: every batch has added its input to statistic ``index``."""
         self.statistics[index].finish()
 
-    def _prune(self, name: str, module: nn.Module, index: int) -> None:
-        _synchronize(module.weight.device)
+    def _prune(self, names: list[str], index: int) -> None:
+        device = self.layers[names[0]].weight.device
+        _synchronize(device)
         start = time.perf_counter()
-        self.pruner.prune_group([weight_matrix(module)], self.statistics[index])
-        _synchronize(module.weight.device)
+        self.pruner.prune_group([weight_matrix(self.layers[n]) for n in names], self.statistics[index])
+        _synchronize(device)
         self.prune_seconds += time.perf_counter() - start
-        self.pruned.add(name)
-        self.groups[index].append(name)
+        self.pruned.update(dict.fromkeys(names, index))
+        self.groups[index].extend(names)
 
     def run(self, block: nn.Module, inputs: BlockInputs, device: torch.device, extras: _ExtrasCache) -> None:
         """One lock-step forward over all batches; outputs replace ``inputs`` (unless stopped)."""
@@ -377,13 +388,25 @@ class SequentialPruning:
 
         calls = [functools.partial(forward, i, h, e) for i, (h, e) in enumerate(zip(inputs.hidden, inputs.extras))]
         lockstep.Lockstep(calls, self.finish_statistic).run()
-        missing = set(self.layers) - self.pruned
+        missing = set(self.layers) - set(self.pruned)
         if missing:
             raise RuntimeError(f"layers {sorted(missing)} did not run during the block's forward; they cannot be calibrated")
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+@torch.no_grad()
+def probe_groups(block: nn.Module, layers: dict[str, nn.Module], inputs: BlockInputs, device: torch.device,
+                 extras: _ExtrasCache) -> list[list[str]]:
+    """Which layers read the same input tensor, from one batch through the dense block (no statistics)."""
+    hooks = LayerStatistics(layers, lambda in_features, device: None, early_stop=not is_dispatched(block))
+    try:
+        hooks.run(block, BlockInputs(inputs.hidden[:1], inputs.extras[:1]), device, extras)
+    finally:
+        hooks.remove()
+    return [names for names, _ in hooks.groups]
 
 
 @torch.no_grad()
@@ -416,6 +439,7 @@ def prune_sequentially(model: nn.Module, token_ids: torch.Tensor, pruner, layer_
     blocks = find_decoder_blocks(model)
     timings = []
     inputs = capture_inputs(model, blocks, token_ids, options)
+    probed: dict[tuple[str, ...], list[list[str]]] = {}  # true_sequential: layers sharing an input
     for block in tqdm(blocks, desc=f"{pruner.name} blocks", unit="block", disable=not options.progress):
         layers = {rel: m for rel, m in block.linears.items() if layer_names is None or block.qualified(rel) in layer_names}
         timing = BlockTiming(block.index)
@@ -426,7 +450,10 @@ def prune_sequentially(model: nn.Module, token_ids: torch.Tensor, pruner, layer_
             # accelerate's post-forward hooks must run, so dispatched blocks are never cut short
             early_stop = options.early_stop and not is_dispatched(block.module)
             if layers and options.true_sequential:
-                hooks = SequentialPruning(layers, pruner, stop_when_done=last and early_stop)
+                structure = tuple(layers)
+                if structure not in probed:  # once per block structure (usually once per model)
+                    probed[structure] = probe_groups(block.module, layers, inputs, device, extras)
+                hooks = SequentialPruning(layers, pruner, probed[structure], stop_when_done=last and early_stop)
                 try:
                     hooks.run(block.module, inputs, device, extras)
                 finally:

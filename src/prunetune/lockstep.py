@@ -117,6 +117,29 @@ class Lockstep:
             while not call.done:
                 call.step()
             call.thread.join()
+        _trim_thread_arenas()
+
+
+def _trim_thread_arenas() -> None:
+    """Give back to the OS the CPU memory freed in the worker threads' malloc arenas.
+
+    glibc serves each thread from its own arena and keeps what is freed there; after a
+    CPU block forward in lock step that retained memory would outgrow the activations
+    themselves. ``malloc_trim(0)`` releases it (a no-op elsewhere than glibc).
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None  # libc's malloc_trim once looked up; False where there is none
 
 
 def pause(tag: Hashable) -> None:

@@ -138,7 +138,7 @@ def test_true_sequential_wanda_equals_layer_by_layer_reference(arch):
 
 
 def test_true_sequential_groups_and_one_sparsegpt_factor_per_input(monkeypatch):
-    from prunetune.calibrate import SequentialPruning, _ExtrasCache
+    from prunetune.calibrate import SequentialPruning, _ExtrasCache, probe_groups
     from prunetune.pruning import sparsegpt
 
     calls = []
@@ -147,12 +147,19 @@ def test_true_sequential_groups_and_one_sparsegpt_factor_per_input(monkeypatch):
     model = make_model("llama")
     block = find_decoder_blocks(model)[0]
     inputs = capture_inputs(model, [block], random_tokens(5, 8), CalibrationOptions(batch_size=2))
-    hooks = SequentialPruning(block.linears, sparsegpt.SparseGPTPruner(0.5))
+    cpu = torch.device("cpu")
+    expected = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert probe_groups(block.module, block.linears, inputs, cpu, _ExtrasCache(cpu)) == expected
+    pruner = sparsegpt.SparseGPTPruner(0.5)
+    solved = []
+    real_choose = pruner.choose
+    pruner.choose = lambda weights, *a: solved.append(len(weights)) or real_choose(weights, *a)
+    hooks = SequentialPruning(block.linears, pruner, expected)
     with torch.no_grad():
-        hooks.run(block.module, inputs, torch.device("cpu"), _ExtrasCache(torch.device("cpu")))
+        hooks.run(block.module, inputs, cpu, _ExtrasCache(cpu))
     hooks.remove()
-    assert hooks.groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-                            ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert hooks.groups == expected and solved == [3, 1, 2, 1]  # q/k/v and gate/up solved stacked
     assert [s.rows for s in hooks.statistics] == [5 * 8] * 4
     assert len(calls) == 4  # q/k/v share one inverse-Hessian factor, gate/up another
     assert all((weight_matrix(m) == 0).float().mean() == 0.5 for m in block.linears.values())
@@ -181,3 +188,16 @@ def test_true_sequential_batch_split_does_not_change_the_result(method, device):
     for other in masks[1:]:
         differ = float((other != masks[0]).float().mean())
         assert differ == 0 if device == "cpu" else differ < 0.005, differ
+
+
+def test_true_sequential_refuses_a_group_whose_layers_read_different_inputs():
+    from prunetune.calibrate import SequentialPruning, _ExtrasCache
+    from prunetune.pruning.wanda import WandaPruner
+
+    model = make_model("llama")
+    block = find_decoder_blocks(model)[0]
+    inputs = capture_inputs(model, [block], random_tokens(4, 8), CalibrationOptions(batch_size=2))
+    hooks = SequentialPruning(block.linears, WandaPruner(0.5), [["self_attn.q_proj", "self_attn.o_proj"]])
+    with pytest.raises(RuntimeError, match="self_attn.o_proj.*reads another tensor"), torch.no_grad():
+        hooks.run(block.module, inputs, torch.device("cpu"), _ExtrasCache(torch.device("cpu")))
+    hooks.remove()
