@@ -83,14 +83,15 @@ def test_layers_reading_one_input_share_a_statistic(arch, groups):
     assert all(statistic.rows == 4 * 8 for _, statistic in stats.groups)
 
 
-def test_forward_blocks_and_offload_give_the_same_masks():
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_forward_blocks_and_offload_give_the_same_masks(true_sequential):
     ids = random_tokens(6, 16)
     assert forward_blocks(make_model("qwen2"), ids) > 0
     masks = []
     for offload in (False, True):
         model = make_model("qwen2")
         prune(model, None, PruneConfig(method="sparsegpt", sparsity_ratio=0.5, calibration_ids=ids,
-                                       offload_activations=offload, device="cpu"))
+                                       offload_activations=offload, device="cpu", true_sequential=true_sequential))
         masks.append([p == 0 for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*masks))
 
