@@ -128,7 +128,8 @@ class PipelineConfig:
             from prunetune.pruning import PruneConfig
 
             PruneConfig(method=spec.method, sparsity_ratio=spec.sparsity_ratio, sparsity_type=spec.sparsity_type,
-                        use_variant=spec.use_variant, calib_dataset=self.calibration.dataset)
+                        use_variant=spec.use_variant, calib_dataset=self.calibration.dataset,
+                        true_sequential=spec.true_sequential)
         for index, spec in enumerate(self.recover):
             require(spec.prune in labels, f"config.recover[{index}].prune: {spec.prune!r} names no prune entry; accepted: {', '.join(labels)}.")
             check_source(spec.dataset)

@@ -76,6 +76,7 @@ def test_pipeline_report_and_reuse(small_setup):
     ({"prune": [{"method": "obs"}]}, "config.prune[0].method: 'obs' is not accepted"),
     ({"prune": [{"method": "wanda", "sparsity_type": "4:2"}]}, "4:2"),
     ({"recover": [{"prune": "nope"}]}, "names no prune entry"),
+    ({"prune": [{"method": "magnitude", "true_sequential": True}]}, "the magnitude pruner uses none"),
 ])
 def test_bad_config_fails_before_work(small_setup, tmp_path, capsys, change, message):
     _, raw = small_setup

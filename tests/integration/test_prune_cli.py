@@ -25,6 +25,7 @@ TINY_READY = (TINY_PATH / "model.safetensors").exists()
     (["--nsamples", "0"], "nsamples"),
     (["--seqlen", "1"], "seqlen"),
     (["--blocksize", "64"], "blocksize"),
+    (["--prune_method", "magnitude", "--true_sequential"], "true_sequential"),
 ])
 def test_bad_input_exits_2_naming_the_value(extra, fragment, capsys):
     assert main(["prune", "--model", "tiny", *extra]) == 2

@@ -82,6 +82,9 @@ class PruneConfig:
     def __post_init__(self):
         self.pruner = build_pruner(self.method, self.sparsity_ratio, self.sparsity_type, self.use_variant, self.options)
         self.sparsity_ratio = self.pruner.ratio
+        require(not self.true_sequential or self.pruner.needs_calibration,
+                f"true_sequential changes how calibration statistics are gathered; the {self.method} pruner uses none "
+                "(accepted with wanda and sparsegpt).")
         require(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be a positive integer, got {self.batch_size!r}.")
         if self.calibration_ids is not None:
             ids = self.calibration_ids
@@ -235,6 +238,6 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None) -> PruneRepo
     report = PruneReport(method=pruner.name, sparsity_ratio=pruner.ratio, sparsity_type=str(pruner.structure),
                          use_variant=pruner.use_variant, seconds=seconds, sparsity=measure_sparsity(model),
                          initial_sparsity=initial.overall, calibration=calibration, options=dict(config.options),
-                         block_timings=timings, true_sequential=config.true_sequential and pruner.needs_calibration)
+                         block_timings=timings, true_sequential=config.true_sequential)
     logger.info("%s: %.4f sparse in %.2fs", pruner.name, report.sparsity.overall, seconds)
     return report
