@@ -384,7 +384,7 @@ class SequentialPruning:
                 output = _run_block(block, hidden, extras(extra), device)
             except _Stop:
                 return
-            inputs.hidden[index] = output.to(hidden.device, non_blocking=hidden.device.type != "cpu")
+            _store_output(inputs, index, hidden, output)
 
         calls = [functools.partial(forward, i, h, e) for i, (h, e) in enumerate(zip(inputs.hidden, inputs.extras))]
         lockstep.Lockstep(calls, self.finish_statistic).run()
@@ -414,8 +414,22 @@ def propagate(block: nn.Module, inputs: BlockInputs, device: torch.device, extra
     """Replace every batch of ``inputs`` by the block's outputs on it."""
     for index, (hidden, extra) in enumerate(zip(inputs.hidden, inputs.extras)):
         output = _run_block(block, hidden, extras(extra), device)
-        # device -> host copies stay blocking: a non-blocking one may be read before it lands
-        inputs.hidden[index] = output.to(hidden.device, non_blocking=hidden.device.type != "cpu")
+        _store_output(inputs, index, hidden, output)
+
+
+def _store_output(inputs: BlockInputs, index: int, hidden: torch.Tensor, output: torch.Tensor) -> None:
+    """The block's output for batch ``index`` becomes the next block's input.
+
+    Written into the input's own buffer when it fits (the block has consumed it): offloaded
+    activations stay in their pinned CPU memory, so every block's uploads are fast ones.
+    A copy into pinned memory may be asynchronous: the next read of the buffer is an upload
+    on the same CUDA stream, which runs after it. Pageable CPU memory is copied synchronously.
+    """
+    if output.shape == hidden.shape and output.dtype == hidden.dtype and output.data_ptr() != hidden.data_ptr():
+        asynchronous = hidden.device.type != "cpu" or hidden.is_pinned()
+        hidden.copy_(output, non_blocking=asynchronous and output.device.type == "cuda")
+    else:
+        inputs.hidden[index] = output.to(hidden.device)
 
 
 def _synchronize(device: torch.device) -> None:
