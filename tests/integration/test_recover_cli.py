@@ -98,3 +98,17 @@ def test_bad_input_exits_2(case, message, workspace, tmp_path, capsys):
     assert __import__("re").search(message, " ".join(capsys.readouterr().err.split()))
     if case == "exists":
         assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_adapter_runs_are_reproducible(workspace, tmp_path):
+    """The adapter's random init is seeded by --seed: two runs give the same weights, another seed others."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        out = tmp_path / name
+        torch.manual_seed(int(name == "b") + 7)  # whatever the process did before must not matter
+        assert main(recover_args(workspace, "lora", out, "--max_steps", "2", "--seed", seed)) == 0
+        weights.append(load_file(out / "adapter_model.safetensors"))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])

@@ -211,6 +211,9 @@ def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args:
     if training_args.do_eval and recovery_args.eval_before_training and resume_dir is None and is_main:
         result.perplexity_before = evaluate(model, tokenizer, dataset, data_args, recovery_args, training_args, block_size)
 
+    from transformers import set_seed
+
+    set_seed(training_args.seed)  # the adapter's random init: reproducible runs (Trainer seeds only later)
     setup = SETUPS[method](model, recovery_args, resume_dir)
     trainer, guard = make_trainer(setup, training_args, train_data, tokenizer, callbacks)
     if training_args.do_train:
