@@ -202,3 +202,25 @@ def test_true_sequential_refuses_a_group_whose_layers_read_different_inputs():
     with pytest.raises(RuntimeError, match="self_attn.o_proj.*reads another tensor"), torch.no_grad():
         hooks.run(block.module, inputs, torch.device("cpu"), _ExtrasCache(torch.device("cpu")))
     hooks.remove()
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_blocks_placed_by_accelerate_hooks_prune_like_plain_ones(true_sequential):
+    """A model dispatched with a device_map carries accelerate hooks on its blocks: they are
+    never cut short, and the masks are those of the same model without hooks."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from prunetune.calibrate import is_dispatched
+
+    ids = random_tokens(6, 16, seed=4)
+    masks = []
+    for dispatched in (False, True):
+        model = make_model("llama")
+        if dispatched:
+            for block in find_decoder_blocks(model):
+                add_hook_to_module(block.module, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+            assert all(is_dispatched(b.module) for b in find_decoder_blocks(model))
+        prune(model, None, PruneConfig(method="wanda", sparsity_ratio=0.5, calibration_ids=ids, batch_size=4,
+                                       true_sequential=true_sequential))
+        masks.append([p == 0 for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*masks))
