@@ -109,9 +109,10 @@ class Lockstep:
                         f"pauses: {sorted(map(repr, tags))}); their control flow depends on the data")
                 self.on_barrier(tags.pop())
         finally:
-            self._abort()
+            self._close()
 
-    def _abort(self) -> None:
+    def _close(self) -> None:
+        """Unwind calls still paused (after an error), join every thread, trim the arenas."""
         self.aborted = True
         for call in self.calls:
             while not call.done:

@@ -29,13 +29,15 @@ def reference_wanda(model, ids, ratio):
         for handle in handles:
             handle.remove()
         for name, module in block.linears.items():
-            weight = weight_matrix(module)
-            scores = weight.abs().double() * norms[name].sqrt()
-            count = int(ratio * weight.shape[1])
-            pruned = scores.argsort(dim=1, stable=True)[:, :count]
-            with torch.no_grad():
-                weight.scatter_(1, pruned, 0.0)
+            prune_rows_by_wanda_score(weight_matrix(module), norms[name].sqrt(), ratio)
     return model
+
+
+def prune_rows_by_wanda_score(weight, input_norms, ratio):
+    """Zero every row's floor(ratio * in) lowest |W_ij| * ||X_j|| (float64 scores, stable ties)."""
+    scores = weight.abs().double() * input_norms
+    with torch.no_grad():
+        weight.scatter_(1, scores.argsort(dim=1, stable=True)[:, : int(ratio * weight.shape[1])], 0.0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
@@ -114,11 +116,7 @@ def reference_wanda_true_sequential(model, ids, ratio):
             with torch.no_grad():
                 model(input_ids=ids, use_cache=False)
             handle.remove()
-            norms = (torch.cat(captured) ** 2).sum(0).sqrt()
-            weight = weight_matrix(module)
-            scores = weight.abs().double() * norms
-            with torch.no_grad():
-                weight.scatter_(1, scores.argsort(dim=1, stable=True)[:, : int(ratio * weight.shape[1])], 0.0)
+            prune_rows_by_wanda_score(weight_matrix(module), (torch.cat(captured) ** 2).sum(0).sqrt(), ratio)
     return model
 
 
