@@ -55,6 +55,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunetune import lockstep
+from prunetune.errors import UsageError
 from prunetune.modules import DecoderBlock, find_decoder_blocks, weight_matrix, weight_param_shape
 
 logger = logging.getLogger(__name__)
@@ -387,10 +388,17 @@ class SequentialPruning:
             _store_output(inputs, index, hidden, output)
 
         calls = [functools.partial(forward, i, h, e) for i, (h, e) in enumerate(zip(inputs.hidden, inputs.extras))]
-        lockstep.Lockstep(calls, self.finish_statistic).run()
+        try:
+            lockstep.Lockstep(calls, self.finish_statistic).run()
+        except lockstep.LockstepError as err:
+            raise UsageError(f"--true_sequential needs every calibration batch to run the same layers of a block "
+                             f"in the same order, and this model's blocks do not ({err}; mixture-of-experts routing "
+                             "does this). Prune without --true_sequential.") from err
         missing = set(self.layers) - set(self.pruned)
         if missing:
-            raise RuntimeError(f"layers {sorted(missing)} did not run during the block's forward; they cannot be calibrated")
+            raise UsageError(f"--true_sequential: layers {sorted(missing)} did not run in the block's forward on the "
+                             "calibration data, so they cannot be calibrated. Prune without --true_sequential, or "
+                             "leave them out with --ignore.")
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -222,3 +222,20 @@ def test_blocks_placed_by_accelerate_hooks_prune_like_plain_ones(true_sequential
                                        true_sequential=true_sequential))
         masks.append([p == 0 for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*masks))
+
+
+def test_true_sequential_refuses_blocks_whose_path_depends_on_the_data():
+    """A layer that only some batches run (as with expert routing) cannot be paused for in lock step."""
+    from prunetune.errors import UsageError
+
+    model = make_model("llama")
+    mlp = find_decoder_blocks(model)[1].module.mlp
+    plain_forward = mlp.forward
+    mlp.forward = lambda x: plain_forward(x) if x.shape[0] == 4 else x  # the short last batch skips the MLP
+    with pytest.raises(UsageError, match="same layers of a block"):
+        prune(model, None, PruneConfig(method="wanda", sparsity_ratio=0.5, calibration_ids=random_tokens(6, 8),
+                                       batch_size=4, true_sequential=True))
+    mlp.forward = lambda x: x  # no batch runs the MLP: its layers cannot be calibrated
+    with pytest.raises(UsageError, match="did not run in the block's forward"):
+        prune(model, None, PruneConfig(method="wanda", sparsity_ratio=0.5, calibration_ids=random_tokens(6, 8),
+                                       batch_size=4, true_sequential=True))
