@@ -1,39 +1,224 @@
-"""Atomic outputs: a result appears whole or not at all.
+"""Output folders: never destroy a user's files, never mix two runs, appear whole or not at all.
 
-Directories are written into a temporary sibling and renamed into place at the end; a
-failure removes the temporary directory, so no half-written output is ever left behind.
+Every command that writes a folder follows one rule (:func:`check_output_dir`, then
+:func:`output_lock`, then :func:`atomic_dir`):
+
+* a missing or empty folder is written; an existing non-empty one is refused unless the user
+  passes the overwrite flag (``--overwrite_output_dir``), and even then only a folder that
+  prunetune wrote (it holds a ``prunetune.json`` or ``stage.json`` manifest) is replaced;
+* a symbolic link, the current directory or one of its parents is never an output;
+* the folder is locked for the life of the run (a sibling ``.NAME.lock``, released by the OS
+  when the process dies), so a second run into it is refused and names the first;
+* the folder is written into a temporary sibling (``.NAME.tmp-XXXX``) and renamed into place
+  at the end; the manifest is the last file written and says ``"complete": true``. Temporary
+  siblings left by a killed run are removed by the next run into the same place;
+* files and folders get the permissions the user's umask gives (not 0700/0600).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from prunetune.errors import UsageError
 
+logger = logging.getLogger(__name__)
 
-def check_output_dir(path: str | Path, overwrite: bool = False, flag: str = "--overwrite_output_dir") -> Path:
-    """Refuse an existing non-empty output directory unless ``overwrite``."""
+MANIFEST_NAME = "prunetune.json"
+STAGE_MANIFEST_NAME = "stage.json"  # a pipeline stage folder
+# a folder holding one of these was written by prunetune and may be replaced on request
+MANIFEST_NAMES = (MANIFEST_NAME, STAGE_MANIFEST_NAME)
+OVERWRITE_FLAG = "--overwrite_output_dir"
+TEMP_MARKERS = (".tmp-", ".old-")
+
+
+# --------------------------------------------------------------------------- permissions
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read (set and restore)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path, directory: bool) -> None:
+    """``mkdtemp``/``mkstemp`` create 0700/0600 on purpose; outputs should be shareable like any file."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def is_prunetune_folder(path: Path) -> bool:
+    return any((path / name).is_file() for name in MANIFEST_NAMES)
+
+
+def _is_cwd_or_parent(path: Path) -> bool:
+    cwd = Path.cwd().resolve()
+    return path == cwd or path in cwd.parents
+
+
+def check_output_dir(path: str | Path, overwrite: bool = False, flag: str = OVERWRITE_FLAG, what: str = "Output folder") -> Path:
+    """Validate an output folder before any work; returns the absolute path. Changes nothing.
+
+    Raises:
+        UsageError: a symlink, the current directory or a parent of it, a file, a non-empty
+            folder without ``overwrite``, or (with it) a non-empty folder prunetune did not write.
+    """
+    given = str(path)
     path = Path(path).expanduser()
+    if path.is_symlink():
+        raise UsageError(f"{what} {given} is a symbolic link (to {os.readlink(path)}); prunetune never writes through "
+                         "or replaces a link. Give the real folder path.")
+    path = path.absolute()
+    resolved = path.resolve()
+    if _is_cwd_or_parent(resolved):
+        raise UsageError(f"{what} {given} is the current directory or one of its parents; give a new folder below it, "
+                         "e.g. out/run1.")
     if path.exists() and not path.is_dir():
-        raise UsageError(f"Output path {path} exists and is a file; give a directory path.")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise UsageError(f"Output directory {path} already exists and is not empty. Choose another path or pass {flag} to replace it.")
+        raise UsageError(f"{what} {given} exists and is a file; give a folder path.")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise UsageError(f"{what} {given} already exists and is not empty. Choose another path, or pass {flag} to "
+                             "replace it (only a folder written by prunetune is replaced).")
+        if not is_prunetune_folder(path):
+            raise UsageError(f"{what} {given} is not empty and was not written by prunetune (no {MANIFEST_NAME} in it): "
+                             f"{flag} replaces only prunetune's own outputs. Choose another path or empty it yourself.")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {given} cannot be created: {parent} is not writable. Choose a writable location.")
     return path
 
 
+def check_output_file(path: str | Path, what: str = "--json") -> Path:
+    """Validate a file output before any work: not a folder, a writable or creatable parent."""
+    given = str(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{what} {given} is a folder; give a file path such as {Path(given) / 'result.json'}.")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {given} cannot be written: {parent} is not a writable folder. Choose a writable location.")
+    return path
+
+
+# --------------------------------------------------------------------------- lock
+
+
+def _lock_paths(path: Path) -> tuple[Path, Path]:
+    path = Path(path).expanduser().absolute()
+    return path.with_name(f".{path.name}.lock"), path.with_name(f".{path.name}.lock.owner")
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporary siblings (``.NAME.tmp-*``, ``.NAME.old-*``) a killed run left; call under the lock."""
+    path = Path(path).expanduser().absolute()
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for marker in TEMP_MARKERS:
+        for stale in path.parent.glob(f".{path.name}{marker}*"):
+            if stale.is_dir() and not stale.is_symlink():
+                logger.warning("removing %s, left by an interrupted run into %s", stale, path)
+                shutil.rmtree(stale, ignore_errors=True)
+                removed.append(stale)
+    return removed
+
+
+# Locks this process holds, by folder: a second acquire of the same folder from this process
+# nests instead of deadlocking against itself (flock locks belong to open file descriptions).
+_HELD: dict[Path, int] = {}
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path):
-    """Yield a temporary directory that replaces ``path`` when the block succeeds."""
-    path = Path(path).expanduser().resolve()
+def output_lock(path: str | Path, command: str = "prunetune"):
+    """Hold an exclusive lock on an output folder for the block (released on exit and on crash).
+
+    The lock is a sibling file, so it survives the folder being renamed into place. Under it,
+    temporary folders left by an earlier killed run into the same place are removed.
+
+    Raises:
+        UsageError: another process holds the lock (the message names it).
+    """
+    from filelock import FileLock, Timeout
+
+    path = Path(path).expanduser().absolute()
+    if path in _HELD:  # this process holds it already (a command locks, then a helper that locks too runs)
+        _HELD[path] += 1
+        try:
+            yield path
+        finally:
+            _HELD[path] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_file, owner_file = _lock_paths(path)
+    lock = FileLock(str(lock_file), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        owner = "another process"
+        with contextlib.suppress(OSError, ValueError):
+            info = json.loads(owner_file.read_text(encoding="utf-8"))
+            owner = f"process {info['pid']} ({info['command']}, started {info['started']})"
+        raise UsageError(f"Output folder {path} is in use by {owner}. Wait for that run to finish, or choose another "
+                         "folder: two runs never write into one folder.") from None
+    try:
+        _follow_umask(lock_file, directory=False)
+        with contextlib.suppress(OSError):
+            owner_file.write_text(json.dumps({"pid": os.getpid(), "command": command,
+                                              "started": time.strftime("%Y-%m-%d %H:%M:%S")}), encoding="utf-8")
+        remove_stale_temporaries(path)
+        _HELD[path] = 1
+        yield path
+    finally:
+        _HELD.pop(path, None)
+        # unlinked while still held: a run that opens the old file now fails to lock it; one that
+        # creates a new file only finds the finished folder (refused unless it may overwrite)
+        for file in (owner_file, lock_file):
+            with contextlib.suppress(OSError):
+                file.unlink()
+        lock.release()
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False, flag: str = OVERWRITE_FLAG):
+    """Yield a temporary sibling directory that becomes ``path`` when the block succeeds.
+
+    An existing ``path`` is checked again at the end (something may have appeared since the
+    first check) and replaced only under the rules of :func:`check_output_dir`.
+    """
+    path = Path(path).expanduser().absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    _follow_umask(tmp, directory=True)
     try:
         yield tmp
+        check_output_dir(path, overwrite=overwrite, flag=flag)
+        for written in tmp.rglob("*"):  # some writers (safetensors) create 0600 files
+            if not written.is_symlink():
+                _follow_umask(written, directory=written.is_dir())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -53,6 +238,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        _follow_umask(Path(tmp), directory=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -64,7 +250,7 @@ def write_json(path: str | Path, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
-MANIFEST_NAME = "prunetune.json"
+# --------------------------------------------------------------------------- manifests
 
 
 def library_versions() -> dict[str, str]:
@@ -81,20 +267,54 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def save_model_dir(model, tokenizer, path: str | Path, manifest: dict, overwrite: bool = True) -> Path:
-    """Save a Hugging Face model folder (safetensors + tokenizer) plus ``prunetune.json``, atomically."""
-    path = check_output_dir(path, overwrite=overwrite, flag="--overwrite")
-    with atomic_dir(path) as tmp:
+def save_model_dir(model, tokenizer, path: str | Path, manifest: dict, overwrite: bool = False,
+                   extra_files: dict[str, dict] | None = None) -> Path:
+    """Save a Hugging Face model folder (safetensors + tokenizer) plus ``prunetune.json``, atomically.
+
+    Args:
+        extra_files: JSON files to write into the folder too (name -> payload), before the manifest.
+    """
+    path = check_output_dir(path, overwrite=overwrite)
+    with output_lock(path), atomic_dir(path, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json(tmp / MANIFEST_NAME, {**manifest, "versions": library_versions()})
+        for name, payload in (extra_files or {}).items():
+            write_json(tmp / name, payload)
+        write_json(tmp / MANIFEST_NAME, {**manifest, "complete": True, "versions": library_versions()})  # last
     return path
 
 
 def read_manifest(path: str | Path) -> dict | None:
-    """The ``prunetune.json`` manifest of a model folder, or None when it has none."""
+    """The ``prunetune.json`` manifest of a folder, or None when it has none.
+
+    Raises:
+        UsageError: the manifest is not valid JSON (a damaged folder).
+    """
     file = Path(path).expanduser() / MANIFEST_NAME
-    if not file.exists():
+    if not file.is_file():
         return None
-    return json.loads(file.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UsageError(f"{file} is damaged ({err}); the folder was not written whole. Run the command that made it again.") from err
+    if not isinstance(manifest, dict):
+        raise UsageError(f"{file} is damaged (not a JSON object); run the command that made it again.")
+    return manifest
+
+
+def require_complete(path: str | Path, what: str = "folder") -> dict | None:
+    """The folder's manifest; refuse a folder whose prunetune run has not finished.
+
+    Manifests written before the ``complete`` flag existed were only ever written at the end
+    of a run, so a manifest without the flag counts as complete.
+    """
+    manifest = read_manifest(path)
+    if manifest is not None and manifest.get("complete") is False:
+        stage = manifest.get("recovery_method") or manifest.get("stage") or "prunetune"
+        raise UsageError(
+            f"The {what} {path} belongs to a {stage} run that has not finished (it was interrupted, or is still "
+            f"running): its {MANIFEST_NAME} says complete: false. Resume it (prunetune recover ... "
+            f"--resume_from_checkpoint latest --output_dir {path}), or use one of its checkpoint-N folders."
+        )
+    return manifest

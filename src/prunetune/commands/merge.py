@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--allow_dense", action="store_true", help="plain LoRA: save the dense merge")
     choice.add_argument("--remask", action="store_true", help="plain LoRA: re-apply the pruned mask after merging")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --save_model folder")
+    parser.add_argument("--overwrite_output_dir", "--overwrite", dest="overwrite", action="store_true",
+                        help="replace an existing --save_model folder written by prunetune")
     parser.add_argument("--dataset", default=None, help="data for the --remask perplexity check (default: builtin for tiny, else wikitext2)")
     parser.add_argument("--seqlen", type=int, default=None, help="window length for the perplexity check (default: the model's context, capped at 2048)")
     parser.add_argument("--max_windows", type=int, default=None, help="score only the first N windows")
@@ -44,13 +45,25 @@ def _perplexity(model, tokenizer, args) -> float:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from prunetune.loading import resolve_model_path
+    from prunetune.outputs import check_output_dir, check_output_file, output_lock, require_complete
+
+    check_output_dir(args.save_model, overwrite=args.overwrite, what="--save_model folder")
+    if args.json_path and args.json_path != "-":
+        check_output_file(args.json_path)
+    require_complete(resolve_model_path(args.model), "model folder")
+    require_complete(args.adapter, "adapter folder")
+    with output_lock(args.save_model, "prunetune merge"):
+        return _merge(args)
+
+
+def _merge(args: argparse.Namespace) -> int:
     from prunetune.export import merge_adapter, save_merged
     from prunetune.loading import load_model, load_tokenizer, resolve_model_path
-    from prunetune.outputs import check_output_dir, read_manifest, write_json
+    from prunetune.outputs import read_manifest, write_json
     from prunetune.recover.adapter import apply_adapter, read_adapter_config
     from prunetune.recover.masked_lora import is_masked_config
 
-    check_output_dir(args.save_model, overwrite=args.overwrite, flag="--overwrite")
     method = "masked_lora" if is_masked_config(read_adapter_config(args.adapter)) else "lora"
     if args.remask and not args.no_eval:
         from prunetune.data import check_source

@@ -64,13 +64,40 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--eval_batch_size", type=int, default=8, help="evaluation windows per forward")
     out.add_argument("--save", default=None, help=f"results folder: {REPORT_NAME} is written there")
     out.add_argument("--save_model", default=None, help="write the pruned model (safetensors, tokenizer, prunetune.json) to this folder")
+    out.add_argument("--overwrite_output_dir", "--overwrite", dest="overwrite", action="store_true",
+                     help="replace an existing --save_model folder written by prunetune, and an existing report in --save")
     return parser
+
+
+def _same_folder(a: str, b: str) -> bool:
+    from pathlib import Path
+
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--save / --save_model before any work: never replace what the user did not ask to replace."""
+    from pathlib import Path
+
+    from prunetune.outputs import check_output_dir, check_output_file
+
+    if args.save_model:
+        check_output_dir(args.save_model, overwrite=args.overwrite, what="--save_model folder")
+    if args.save and not (args.save_model and _same_folder(args.save, args.save_model)):
+        report = Path(args.save) / REPORT_NAME
+        if args.save_model:
+            inside = Path(args.save_model).expanduser().resolve()
+            require(inside not in Path(args.save).expanduser().resolve().parents,
+                    f"--save {args.save} lies inside --save_model {args.save_model}, which is written as a whole: the report "
+                    "would be lost. Give the same folder for both (the report then goes into the model folder) or another one.")
+        require(not report.exists() or args.overwrite,
+                f"--save: {report} already exists. Choose another folder, or pass --overwrite_output_dir to replace the report.")
+        check_output_file(report, what="--save report")
 
 
 def _validate(args: argparse.Namespace):
     """Every check that needs no model; returns the PruneConfig."""
     from prunetune.data import check_source
-    from prunetune.outputs import check_output_dir
     from prunetune.pruning import PruneConfig
 
     options = {k: v for k, v in (("blocksize", args.blocksize), ("percdamp", args.percdamp)) if v is not None}
@@ -86,9 +113,7 @@ def _validate(args: argparse.Namespace):
                          targets=args.targets, ignore=args.ignore, options=options, cache_dir=args.cache_dir, progress=True)
     if args.eval_dataset:
         check_source(args.eval_dataset)
-    for path in (args.save, args.save_model):
-        if path:
-            check_output_dir(path, overwrite=True)
+    _check_outputs(args)
     return config
 
 
@@ -101,9 +126,17 @@ def _perplexity(model, tokenizer, args, seqlen: int):
 
 
 def main(argv: list[str]) -> int:
+    import contextlib
+
+    from prunetune.outputs import output_lock
+
     args = build_parser().parse_args(argv)
     config = _validate(args)
+    with output_lock(args.save_model, "prunetune prune") if args.save_model else contextlib.nullcontext():
+        return _run(args, config)
 
+
+def _run(args: argparse.Namespace, config) -> int:
     from pathlib import Path
 
     from prunetune.evaluate import default_seqlen
@@ -131,11 +164,16 @@ def main(argv: list[str]) -> int:
           f"sparsity {report.sparsity.overall:.4f}, {report.seconds:.1f}s")
     if args.eval_dataset:
         print(f"perplexity on {args.eval_dataset}: {before.perplexity:.3f} before, {after.perplexity:.3f} after")
-    if args.save:
+    report_in_model = bool(args.save and args.save_model and _same_folder(args.save, args.save_model))
+    if args.save and not report_in_model:
         write_json(Path(args.save) / REPORT_NAME, payload)
         print(f"report: {Path(args.save) / REPORT_NAME}")
     if args.save_model:
-        manifest = {"stage": "prune", "base_model": args.model, **{k: v for k, v in payload.items() if k != "block_timings"}}
-        save_model_dir(model, tokenizer, args.save_model, manifest)
-        print(f"pruned model: {args.save_model}")
+        manifest = {"stage": "prune", "base_model": args.model, "trust_remote_code": args.trust_remote_code,
+                    **{k: v for k, v in payload.items() if k != "block_timings"}}
+        save_model_dir(model, tokenizer, args.save_model, manifest, overwrite=args.overwrite,
+                       extra_files={REPORT_NAME: payload} if report_in_model else None)
+        print(f"pruned model: {args.save_model}" + (f" (report: {Path(args.save_model) / REPORT_NAME})" if report_in_model else ""))
+    if not (args.save or args.save_model):
+        print("note: nothing was saved (give --save_model DIR to keep the pruned model, --save DIR for the report)")
     return 0

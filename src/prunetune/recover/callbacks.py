@@ -9,12 +9,15 @@ checkpoint on disk is always a good one; a NaN/inf logged loss raises it too.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from prunetune.errors import UsageError
 from prunetune.recover.base import SparsityCheck
@@ -26,18 +29,123 @@ class TrainingStopped(UsageError):
     """A run stopped by the guard; the message says why and where the last good checkpoint is."""
 
 
-def last_checkpoint(output_dir: str) -> str | None:
+CHECKPOINT_MARKER = "prunetune_checkpoint.json"  # written last into each checkpoint: it is complete
+
+
+def _read_json(file: Path) -> dict | None:
     try:
-        return get_last_checkpoint(output_dir)
-    except (FileNotFoundError, OSError):
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
         return None
+    return value if isinstance(value, dict) else None
+
+
+def checkpoint_info(folder: str | Path) -> dict | None:
+    """What prunetune recorded when the checkpoint was complete (None: not complete, or older than markers)."""
+    return _read_json(Path(folder) / CHECKPOINT_MARKER)
+
+
+def checkpoint_complete(folder: str | Path, markers_expected: bool = True) -> bool:
+    """A checkpoint every file of which was written: its marker is there (the last thing written).
+
+    Checkpoints written before markers existed (``markers_expected=False``) count as complete
+    when their ``trainer_state.json`` -- the Trainer's last file -- is readable.
+    """
+    folder = Path(folder)
+    if checkpoint_info(folder) is not None:
+        return True
+    return not markers_expected and _read_json(folder / "trainer_state.json") is not None
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The ``checkpoint-N`` folders of a run, highest step first."""
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := pattern.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The highest-numbered *complete* checkpoint (one killed mid-save or cut by a full disk is skipped)."""
+    folders = checkpoints(output_dir)
+    markers_expected = any((p / CHECKPOINT_MARKER).exists() for p in folders)
+    for folder in folders:
+        if checkpoint_complete(folder, markers_expected):
+            return str(folder)
+        logger.warning("skipping %s: it was not written completely (killed during the save, or the disk filled up)", folder)
+    return None
 
 
 def _resume_hint(output_dir: str) -> str:
     last = last_checkpoint(output_dir)
     if last is None:
         return "No checkpoint was written before this step."
-    return f"The last good checkpoint is {last} (continue with --resume_from_checkpoint {last})."
+    return f"The last good checkpoint is {last}."
+
+
+def _divergence_advice(output_dir: str) -> str:
+    """What to do after a NaN/inf: true advice, since a resume takes the new --learning_rate (see LearningRateOverride)."""
+    last = last_checkpoint(output_dir)
+    resume = (f"Continue from {last} with a lower rate: --resume_from_checkpoint {last} --learning_rate NEW "
+              "(the restored schedule is rescaled to NEW)") if last else "Start again with a lower --learning_rate"
+    return f"{resume}, or add --warmup_steps; with fp16, use bf16 instead."
+
+
+class CheckpointMarker(TrainerCallback):
+    """Writes ``prunetune_checkpoint.json`` into each checkpoint once every other file of it is on disk.
+
+    Registered after the callbacks that add files to a checkpoint (the masks of ``full``), so
+    the marker is the last file written; ``--resume_from_checkpoint latest`` only picks marked
+    checkpoints. It records what a resume must agree with (method, base masks, learning rate).
+
+    Args:
+        facts: method facts (the setup's manifest: recovery_method, base mask digests, ...).
+    """
+
+    def __init__(self, facts: dict):
+        self.facts = facts
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder.is_dir():
+            from prunetune.outputs import write_json
+
+            write_json(folder / CHECKPOINT_MARKER, {**self.facts, "complete": True, "step": state.global_step,
+                                                    "learning_rate": args.learning_rate})
+
+
+class LearningRateOverride(TrainerCallback):
+    """On resume, a ``--learning_rate`` other than the checkpoint's rescales the restored schedule.
+
+    The Trainer restores the optimizer's and the scheduler's state, which carry the old rate;
+    without this, "resume with a lower learning rate" would silently keep the old one. The
+    warm-up and decay shape stay; every rate is multiplied by new / old.
+    """
+
+    def __init__(self, checkpoint_rate: float | None):
+        self.checkpoint_rate = checkpoint_rate
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        old, new = self.checkpoint_rate, args.learning_rate
+        if not old or not new or math.isclose(old, new, rel_tol=1e-9) or optimizer is None:
+            return
+        factor = new / old
+        inner = getattr(optimizer, "optimizer", optimizer)
+        for group in inner.param_groups:
+            group["lr"] *= factor
+            if "initial_lr" in group:
+                group["initial_lr"] *= factor
+        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+        if scheduler is not None and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [rate * factor for rate in scheduler.base_lrs]
+            if hasattr(scheduler, "_last_lr"):
+                scheduler._last_lr = [group["lr"] for group in inner.param_groups]
+        logger.warning("resuming with --learning_rate %g (the checkpoint trained with %g): the restored schedule is "
+                       "scaled by %.4g", new, old, factor)
 
 
 class SparsityGuard(TrainerCallback):
@@ -61,14 +169,15 @@ class SparsityGuard(TrainerCallback):
             if not bool(finite):
                 raise TrainingStopped(
                     f"Training stopped at step {step}: the trainable weights hold NaN/inf (the loss diverged). "
-                    f"{_resume_hint(output_dir)} Lower --learning_rate, add --warmup_steps, or use bf16 rather than fp16."
+                    f"{_resume_hint(output_dir)} {_divergence_advice(output_dir)}"
                 )
         drift = self.check.violations()
         if drift:
             first = ", ".join(f"{name}: {count}" for name, count in list(drift.items())[:3])
             raise TrainingStopped(
                 f"Training stopped at step {step}: {sum(drift.values())} pruned weights became nonzero in "
-                f"{len(drift)} layers ({first}). {_resume_hint(output_dir)} Something bypassed prunetune's masks "
+                f"{len(drift)} layers ({first}). {_resume_hint(output_dir)} (continue with --resume_from_checkpoint "
+                "latest). Something bypassed prunetune's masks "
                 "(a sharding setting such as FSDP/DeepSpeed, or a custom optimizer); please report it."
             )
         self.sparsity = self.check.sparsity()
@@ -92,7 +201,7 @@ class SparsityGuard(TrainerCallback):
             if isinstance(value, float) and not math.isfinite(value):
                 raise TrainingStopped(
                     f"Training stopped at step {state.global_step}: {key} is {value}. {_resume_hint(args.output_dir)} "
-                    "Lower --learning_rate, add --warmup_steps, or use bf16 rather than fp16."
+                    f"{_divergence_advice(args.output_dir)}"
                 )
         if self._measured_at != state.global_step:
             self.verify(state.global_step, args.output_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,31 +62,79 @@ class RecoveryResult:
         return asdict(self)
 
 
-def prepare_output_dir(args: RecoveryTrainingArguments) -> Path | None:
-    """Check ``--output_dir`` and resolve ``--resume_from_checkpoint``; return the checkpoint folder."""
-    from prunetune.outputs import check_output_dir
+def resolve_resume(args: RecoveryTrainingArguments, method: str) -> Path | None:
+    """The checkpoint folder ``--resume_from_checkpoint`` names (``latest``: the last complete one), checked.
 
-    output_dir = Path(args.output_dir)
+    Raises:
+        UsageError: no such checkpoint, an incomplete one, or one written by another recovery method.
+    """
+    from prunetune.recover.callbacks import checkpoint_info
+
     resume = args.resume_from_checkpoint
-    if resume:
-        if resume.lower() in ("true", "latest", "last"):
-            found = last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-            require(found is not None, f"--resume_from_checkpoint {resume}: no {PREFIX_CHECKPOINT_DIR}-N folder in {output_dir}.")
-            resume = found
-        resume_dir = Path(resume)
-        require((resume_dir / "trainer_state.json").exists(),
-                f"--resume_from_checkpoint {resume_dir} is not a Trainer checkpoint (no trainer_state.json in it).")
+    if not resume:
+        return None
+    output_dir = Path(args.output_dir)
+    if resume.lower() in ("true", "latest", "last"):
+        found = last_checkpoint(output_dir)
+        require(found is not None, f"--resume_from_checkpoint {resume}: no complete {PREFIX_CHECKPOINT_DIR}-N folder in {output_dir}.")
+        resume = found
+    resume_dir = Path(resume)
+    require((resume_dir / "trainer_state.json").exists(),
+            f"--resume_from_checkpoint {resume_dir} is not a Trainer checkpoint (no trainer_state.json in it).")
+    info = checkpoint_info(resume_dir)
+    if info is not None and info.get("recovery_method", method) != method:
+        raise UsageError(f"--resume_from_checkpoint {resume_dir} was written by --recovery_method {info['recovery_method']}, "
+                         f"not {method}; resume with --recovery_method {info['recovery_method']} or start a new run.")
+    has_adapter = (resume_dir / "adapter_config.json").exists()
+    has_model = (resume_dir / "config.json").exists()
+    if method == "full" and has_adapter and not has_model:
+        raise UsageError(f"--resume_from_checkpoint {resume_dir} holds a LoRA adapter, but --recovery_method full resumes "
+                         "from a full model checkpoint; give the --recovery_method the run was started with.")
+    if method != "full" and has_model and not has_adapter:
+        raise UsageError(f"--resume_from_checkpoint {resume_dir} holds a full model (recovery_method full), but "
+                         f"--recovery_method {method} resumes from an adapter checkpoint; give --recovery_method full.")
+    if method != "full" and has_adapter:
+        from prunetune.recover.masked_lora import is_masked_config
+
+        saved = json.loads((resume_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        saved_method = "masked_lora" if is_masked_config(saved) else "lora"
+        require(saved_method == method, f"--resume_from_checkpoint {resume_dir} holds a {saved_method} adapter; resume it with "
+                                        f"--recovery_method {saved_method}.")
+    return resume_dir
+
+
+def prepare_output_dir(args: RecoveryTrainingArguments, method: str) -> Path | None:
+    """Check ``--output_dir`` and resolve ``--resume_from_checkpoint``; return the checkpoint folder.
+
+    A new run needs an empty or missing folder; ``--overwrite_output_dir`` replaces a folder a
+    prunetune run wrote, leaving nothing of the old run (adapter, model, manifests, checkpoints).
+    Only the main process acts; call it under :func:`prunetune.outputs.output_lock`.
+    """
+    from prunetune.outputs import check_output_dir, current_umask
+
+    resume_dir = resolve_resume(args, method)
+    if resume_dir is not None or args.process_index != 0:
         return resume_dir
-    check_output_dir(output_dir, overwrite=args.overwrite_output_dir, flag="--overwrite_output_dir")
-    if output_dir.is_dir() and args.process_index == 0:
-        for stale in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):  # a later resume must not pick these up
-            logger.info("removing stale checkpoint %s (--overwrite_output_dir)", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+    output_dir = check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir)
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        logger.warning("--overwrite_output_dir: replacing %s (the previous run's files are removed)", output_dir)
+        os.replace(output_dir, old)
+        shutil.rmtree(old, ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True, mode=0o777 & ~current_umask())
     return None
 
 
 def resolve_dtype(model_args: ModelArguments, recovery_args: RecoveryArguments, device: torch.device) -> str:
+    from prunetune.loading import torch_dtype
+
     if model_args.dtype != "auto":
+        if recovery_args.recovery_method == "full" and torch_dtype(model_args.dtype) == torch.float16:
+            raise UsageError(
+                f"--recovery_method full with --dtype {model_args.dtype} would step the optimizer on float16 master "
+                "weights (updates below fp16's resolution are lost, AdamW's state underflows). Use --dtype auto or "
+                "float32 (fp32 master weights; add --fp16 or --bf16 for mixed precision on a GPU), or --dtype bfloat16."
+            )
         return model_args.dtype
     # frozen adapter bases train fine in bf16; full fine-tuning keeps fp32 master weights
     return "bfloat16" if device.type == "cuda" and recovery_args.uses_adapter else "float32"
@@ -181,14 +230,37 @@ def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args:
             training_args: RecoveryTrainingArguments, callbacks: list | None = None) -> RecoveryResult:
     """Recover a pruned model; write the adapter (or model) and ``recovery.json`` to ``--output_dir``.
 
+    The output folder is checked before anything is loaded and locked for the whole run (main
+    process); its ``prunetune.json`` says ``complete: false`` from the first step until the
+    adapter or model, ``recovery.json`` and then the final manifest are written.
+
     Raises:
         UsageError: bad input (see the messages), and ``TrainingStopped`` when the guard stops the run.
     """
+    import contextlib
+
+    from prunetune.outputs import check_output_dir, output_lock
+
     method = recovery_args.recovery_method
     if method == "full" and (training_args.fsdp or training_args.deepspeed):
         raise UsageError("--recovery_method full keeps whole-weight masks and is not supported with FSDP/DeepSpeed "
                          "sharding yet; use DDP (torchrun / accelerate launch), or an adapter method.")
-    resume_dir = prepare_output_dir(training_args)
+    resolve_dtype(model_args, recovery_args, training_args.device)  # refuses fp16 master weights before any work
+    is_main = training_args.process_index == 0
+    resume_dir = resolve_resume(training_args, method)
+    if is_main and resume_dir is None:
+        check_output_dir(training_args.output_dir, overwrite=training_args.overwrite_output_dir)
+    lock = output_lock(training_args.output_dir, "prunetune recover") if is_main else contextlib.nullcontext()
+    with lock:
+        return _recover(model_args, data_args, recovery_args, training_args, callbacks, resume_dir)
+
+
+def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args: RecoveryArguments,
+             training_args: RecoveryTrainingArguments, callbacks: list | None, resume_dir: Path | None) -> RecoveryResult:
+    from prunetune.recover.callbacks import CheckpointMarker, LearningRateOverride, checkpoint_info
+
+    method = recovery_args.recovery_method
+    is_main = training_args.process_index == 0
     model, tokenizer = load(model_args, recovery_args, training_args)
     check_config(model, model_args)
     sparsity_before = zero_fraction(base_layers(model))
@@ -200,7 +272,11 @@ def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args:
     result = RecoveryResult(method=method, model=model_args.model_name_or_path, output_dir=training_args.output_dir,
                             dataset=dataset, block_size=block_size, sparsity_before=sparsity_before,
                             resumed_from=str(resume_dir) if resume_dir else None)
-    is_main = training_args.process_index == 0
+    checkpoint = checkpoint_info(resume_dir) if resume_dir is not None else None
+    if checkpoint is not None and checkpoint.get("base_mask_digests"):
+        from prunetune.recover.adapter import check_base_manifest
+
+        check_base_manifest(model, checkpoint, str(resume_dir))  # the same pruned base, position by position
 
     train_data = None
     if training_args.do_train:
@@ -215,10 +291,19 @@ def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args:
 
     set_seed(training_args.seed)  # the adapter's random init: reproducible runs (Trainer seeds only later)
     setup = SETUPS[method](model, recovery_args, resume_dir)
-    trainer, guard = make_trainer(setup, training_args, train_data, tokenizer, callbacks)
+    # the marker goes after the method's callbacks (they add files to checkpoints), before the caller's
+    own = [CheckpointMarker({"recovery_method": method, **setup.manifest})]
+    if resume_dir is not None:
+        own.append(LearningRateOverride((checkpoint or {}).get("learning_rate")))
+    trainer, guard = make_trainer(setup, training_args, train_data, tokenizer, [*own, *(callbacks or [])])
+    if is_main and (training_args.do_train or training_args.do_eval):
+        if resume_dir is None:
+            prepare_output_dir(training_args, method)
+        if training_args.do_train:
+            _write_manifest(setup, model_args, result, complete=False)  # readers see an unfinished run
     if training_args.do_train:
         _train(trainer, training_args, resume_dir, block_size, result)
-        _save(trainer, setup, model_args, result, is_main)
+        _save(trainer, setup)
     result.sparsity_after = guard.verify(trainer.state.global_step, training_args.output_dir)
     logger.info("rank %d: sparsity %.4f, no pruned weight nonzero in %d checked layers",
                 training_args.process_index, result.sparsity_after, len(setup.check.layers))
@@ -232,6 +317,8 @@ def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args:
         from prunetune.outputs import write_json
 
         write_json(Path(training_args.output_dir) / RESULTS_NAME, result.to_dict())
+        if training_args.do_train:
+            _write_manifest(setup, model_args, result, complete=True)  # last: the run is whole
     return result
 
 
@@ -254,26 +341,32 @@ def _train(trainer: Trainer, args: RecoveryTrainingArguments, resume_dir: Path |
     result.peak_memory_kind = peak.kind  # cuda_allocated, or rss: the process's peak during training
 
 
-def _save(trainer: Trainer, setup, model_args: ModelArguments, result: RecoveryResult, is_main: bool) -> None:
-    from prunetune.outputs import MANIFEST_NAME, library_versions, read_manifest, write_json
-
+def _save(trainer: Trainer, setup) -> None:
     output_dir = Path(trainer.args.output_dir)
     trainer.save_model(str(output_dir))  # every rank: sharded strategies gather here
-    if not is_main:
+    if trainer.args.process_index != 0:
         return
     trainer.save_state()
     setup.save_extra(output_dir)
+
+
+def _write_manifest(setup, model_args: ModelArguments, result: RecoveryResult, complete: bool) -> None:
+    """``prunetune.json`` of the output folder; ``complete`` is true only once everything else is written."""
+    from prunetune.outputs import MANIFEST_NAME, library_versions, read_manifest, write_json
+
     base_manifest = read_manifest(_model_path(model_args.model_name_or_path)) or {}
     manifest = {
         "kind": "adapter" if setup.saves_adapter else "model",
+        "complete": complete,
         "base_model": model_args.model_name_or_path,
         "base_config": model_args.config_name,
-        "pruning": base_manifest.get("pruning", {k: v for k, v in base_manifest.items() if k != "versions"}),
+        "trust_remote_code": model_args.trust_remote_code,
+        "pruning": base_manifest.get("pruning", {k: v for k, v in base_manifest.items() if k not in ("versions", "complete")}),
         **setup.manifest,
         "training": {"steps": result.steps, "tokens": result.tokens, "dataset": result.dataset, "block_size": result.block_size},
         "versions": library_versions(),
     }
-    write_json(output_dir / MANIFEST_NAME, manifest)
+    write_json(Path(result.output_dir) / MANIFEST_NAME, manifest)
 
 
 def _model_path(name: str) -> str:

@@ -1,0 +1,246 @@
+"""Output folders: nothing of the user's is destroyed, two runs never mix, unfinished runs are recognisable.
+
+Issue 9, items 1-5 and 8, and the resume rules (last *complete* checkpoint, a new learning rate
+on resume really applies).
+"""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from test_recover_cli import recover_args, workspace  # noqa: F401  (module fixture)
+from test_recover_resume import KillAfterSave, Killed, run
+
+from prunetune.cli import main
+from prunetune.outputs import MANIFEST_NAME, atomic_dir, check_output_dir, output_lock
+from prunetune.errors import UsageError
+
+
+def prune_args(out, *extra):
+    return ["prune", "--model", "tiny", "--prune_method", "magnitude", "--save_model", str(out), *extra]
+
+
+def err(capsys):
+    """stderr with the line wrapping undone."""
+    return " ".join(capsys.readouterr().err.split())
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- item 1: refuse, or replace only our own
+
+
+def test_prune_refuses_a_non_empty_folder_and_never_replaces_a_foreign_one(tmp_path, capsys):
+    user = tmp_path / "thesis"
+    user.mkdir()
+    (user / "chapter1.tex").write_text("years of work")
+    before = snapshot(user)
+    assert main(prune_args(user)) == 2
+    assert "not empty" in err(capsys)
+    assert main(prune_args(user, "--overwrite_output_dir")) == 2  # the flag replaces only prunetune's folders
+    assert "not written by prunetune" in err(capsys)
+    assert snapshot(user) == before
+
+
+def test_prune_replaces_its_own_folder_only_with_the_flag(tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(prune_args(out)) == 0
+    first = json.loads((out / MANIFEST_NAME).read_text())
+    assert first["complete"] is True and first["trust_remote_code"] is False
+    (out / "note.txt").write_text("mine")
+    assert main(prune_args(out, "--sparsity_ratio", "0.6")) == 2
+    assert (out / "note.txt").exists()
+    capsys.readouterr()
+    assert main(prune_args(out, "--sparsity_ratio", "0.6", "--overwrite_output_dir")) == 0
+    assert json.loads((out / MANIFEST_NAME).read_text())["sparsity_ratio"] == 0.6
+    assert not (out / "note.txt").exists()  # replaced whole: nothing of the old folder stays
+
+
+def test_symlink_current_directory_and_parents_are_never_outputs(tmp_path, monkeypatch, capsys):
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "data.bin").write_bytes(b"\x01" * 10)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert main(prune_args(link, "--overwrite_output_dir")) == 2
+    assert "symbolic link" in err(capsys)
+    assert (target / "data.bin").read_bytes() == b"\x01" * 10
+    work = tmp_path / "work" / "deeper"
+    work.mkdir(parents=True)
+    (work / "keep.txt").write_text("x")
+    monkeypatch.chdir(work)
+    for path in (".", "..", str(tmp_path)):
+        assert main(prune_args(path, "--overwrite_output_dir")) == 2
+        assert "current directory" in err(capsys)
+    assert (work / "keep.txt").exists()
+
+
+def test_save_and_save_model_in_one_folder_keep_both(tmp_path, capsys):
+    out = tmp_path / "both"
+    assert main(prune_args(out, "--save", str(out))) == 0
+    assert (out / "prune_report.json").exists() and (out / "model.safetensors").exists()
+    inside = tmp_path / "m"
+    assert main(prune_args(inside, "--save", str(inside / "logs"))) == 2
+    assert "inside --save_model" in err(capsys) and not inside.exists()
+
+
+def test_atomic_dir_checks_again_at_the_end(tmp_path):
+    out = tmp_path / "late"
+    with pytest.raises(UsageError, match="not empty"):
+        with atomic_dir(out) as tmp:
+            (tmp / "result.txt").write_text("new")
+            out.mkdir()
+            (out / "appeared.txt").write_text("someone else's")  # appeared while we worked
+    assert (out / "appeared.txt").exists() and not list(tmp_path.glob(".late.tmp-*"))
+
+
+# --------------------------------------------------------------------------- item 2: overwrite leaves nothing; unfinished is visible
+
+
+def test_recover_overwrite_leaves_nothing_of_the_previous_run(workspace, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(recover_args(workspace, "lora", out, "--max_steps", "2")) == 0
+    assert (out / "adapter_config.json").exists()
+    assert main(recover_args(workspace, "full", out, "--max_steps", "2")) == 2
+    assert "not empty" in err(capsys)
+    assert main(recover_args(workspace, "full", out, "--max_steps", "2", "--overwrite_output_dir")) == 0
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["recovery_method"] == "full" and manifest["complete"] is True
+    assert json.loads((out / "recovery.json").read_text())["method"] == "full"
+
+
+def test_an_unfinished_run_is_refused_by_its_readers(workspace, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        run(workspace, out, "--recovery_method", "masked_lora", callbacks=[KillAfterSave(2)])
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["complete"] is False and manifest["recovery_method"] == "masked_lora"
+    capsys.readouterr()
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(workspace / "pruned"), "--adapter", str(out), "--save_model", str(merged)]) == 2
+    assert "has not finished" in err(capsys) and not merged.exists()
+    # the checkpoint itself is complete and usable; resuming finishes the run
+    result = run(workspace, out, "--recovery_method", "masked_lora", "--resume_from_checkpoint", "latest")
+    assert result.resumed_from.endswith("checkpoint-2")
+    assert json.loads((out / MANIFEST_NAME).read_text())["complete"] is True
+
+
+# --------------------------------------------------------------------------- item 3: one run per folder
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_and_names_the_first(tmp_path, capsys):
+    out = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from prunetune.outputs import output_lock
+        with output_lock({str(out)!r}, "prunetune recover"):
+            print("locked", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(prune_args(out)) == 2
+        message = err(capsys)
+        assert f"process {holder.pid}" in message and "prunetune recover" in message
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(prune_args(out)) == 0  # released when its holder died
+    assert not list(tmp_path.glob(".busy.lock*"))  # and no lock file is left behind
+
+
+# --------------------------------------------------------------------------- item 4: leftovers of a killed save
+
+
+def test_a_killed_save_leaves_no_hidden_copy_after_the_next_run(tmp_path):
+    out = tmp_path / "model"
+    stale = tmp_path / ".model.tmp-k1ll3d"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1024)
+    other = tmp_path / ".other.tmp-abc"  # another output's leftovers are not ours to judge
+    other.mkdir()
+    assert main(prune_args(out)) == 0
+    assert not stale.exists() and other.exists()
+
+
+# --------------------------------------------------------------------------- item 5: the umask
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "shared"
+        assert main(prune_args(out, "--save", str(tmp_path / "logs"))) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / MANIFEST_NAME).stat().st_mode) == 0o644
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "logs" / "prune_report.json").stat().st_mode) == 0o644
+
+
+# --------------------------------------------------------------------------- item 8: no fp16 master weights
+
+
+def test_full_refuses_float16_master_weights_before_any_work(workspace, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "fp16"
+    assert main(recover_args(workspace, "full", out, "--dtype", "float16", "--max_steps", "1")) == 2
+    message = err(capsys)
+    assert "float16 master" in message and "--dtype" in message and not out.exists()
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_latest_skips_a_checkpoint_killed_mid_save(workspace, tmp_path):  # noqa: F811
+    out = tmp_path / "partial"
+    with pytest.raises(Killed):
+        run(workspace, out, callbacks=[KillAfterSave(2)])
+    torn = out / "checkpoint-4"  # what a kill during the next save leaves: some files, no marker
+    torn.mkdir()
+    (torn / "trainer_state.json").write_text("{}")
+    (torn / "model.safetensors").write_bytes(b"\0" * 10)
+    result = run(workspace, out, "--resume_from_checkpoint", "latest")
+    assert result.resumed_from.endswith("checkpoint-2")
+
+
+def test_a_new_learning_rate_on_resume_applies(workspace, tmp_path):  # noqa: F811
+    straight = tmp_path / "straight"
+    run(workspace, straight)
+    out = tmp_path / "lower"
+    with pytest.raises(Killed):
+        run(workspace, out, callbacks=[KillAfterSave(2)])
+    run(workspace, out, "--resume_from_checkpoint", "latest", "--learning_rate", "1e-4")
+
+    def rates(folder):
+        history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+        return {h["step"]: h["learning_rate"] for h in history if "learning_rate" in h}
+
+    old, new = rates(straight), rates(out)
+    assert new[2] == pytest.approx(old[2])  # before the resume: the first run's rate
+    assert new[3] == pytest.approx(old[3] / 10) and new[4] == pytest.approx(old[4] / 10)
+
+
+def test_resume_refuses_a_checkpoint_of_another_method(workspace, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "fullrun"
+    with pytest.raises(Killed):
+        run(workspace, out, callbacks=[KillAfterSave(2)])
+    with pytest.raises(UsageError, match="recovery_method full"):
+        run(workspace, out, "--recovery_method", "masked_lora", "--resume_from_checkpoint", "latest")
+
+
+def test_check_output_dir_is_free_of_side_effects(tmp_path):
+    out = tmp_path / "a" / "b"
+    check_output_dir(out)
+    assert not (tmp_path / "a").exists()
+    with output_lock(out):
+        with output_lock(out):  # nested in one process: no self-deadlock
+            pass
