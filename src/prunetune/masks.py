@@ -3,17 +3,27 @@
 A mask is a boolean tensor shaped like the layer's (out, in) weight matrix, ``True`` where
 the weight is kept. :class:`MaskSet` maps qualified layer names to masks; it is taken once
 (from a pruner, or from the zeros of a freshly pruned model) and then never re-derived.
+
+A mask can also be held *packed*, 1 bit per weight (:func:`pack_kept`), and fingerprinted
+(:func:`mask_digest`): that is how a frozen base is checked during training and how an
+adapter records which pruning it was trained on, without keeping a byte per weight.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from prunetune.modules import find_decoder_blocks, weight_matrix
+from prunetune.modules import find_decoder_blocks, prunable_layers, weight_matrix
+
+# 64 bits of sha256: the digest tells apart the prunings one user may mix up (accidental
+# collisions are ~2^-64 per pair), not an adversary (who could just edit the manifest);
+# 16 characters keep a 7B model's manifest (224 layers) short and readable.
+DIGEST_CHARS = 16
 
 
 @dataclass
@@ -143,3 +153,80 @@ class MaskSet:
         from safetensors.torch import load_file
 
         return cls({k: v.bool() for k, v in load_file(str(path)).items()})
+
+
+@torch.no_grad()
+def pack_kept(kept: torch.Tensor) -> torch.Tensor:
+    """A mask packed 8 positions per byte, on the mask's device.
+
+    Positions are taken in row-major order of ``kept``, most significant bit first (the
+    order of ``numpy.packbits``); the last byte is padded with zeros. Packing where the
+    weight lives means only 1/8 of a byte per weight ever crosses to the host.
+
+    Args:
+        kept: a bool mask of any shape (nonzero = kept for other dtypes).
+
+    Returns:
+        A flat uint8 tensor of ``ceil(kept.numel() / 8)`` bytes.
+    """
+    bits = kept.reshape(-1)
+    bits = (bits if bits.dtype == torch.bool else bits != 0).view(torch.uint8)  # 0/1, one byte each
+    pad = -bits.numel() % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)  # made on the device: no copy
+    return (bits.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)  # (numel / 8,)
+
+
+def pack_layer(module: nn.Module) -> torch.Tensor:
+    """The layer's kept mask (``weight != 0``, (out, in) orientation) packed by :func:`pack_kept`."""
+    return pack_kept(weight_matrix(module) != 0)
+
+
+def popcount(packed: torch.Tensor) -> torch.Tensor:
+    """Number of set bits in a packed mask, as a 0-d int64 tensor on its device (no host sync)."""
+    x = packed - ((packed >> 1) & 0x55)  # per-byte SWAR popcount: 2-bit sums
+    x = (x & 0x33) + ((x >> 2) & 0x33)  # 4-bit sums
+    return ((x + (x >> 4)) & 0x0F).sum(dtype=torch.int64)
+
+
+def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copy tensors to the CPU with one transfer (one host sync) per device they live on."""
+    host: list[torch.Tensor | None] = [None] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        by_device.setdefault(tensor.device, []).append(i)
+    for indices in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).cpu()
+        for i, part in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+            host[i] = part.view(tensors[i].shape)
+    return host
+
+
+def digest_packed(packed: torch.Tensor, shape: tuple[int, ...]) -> str:
+    """The digest of a mask of ``shape`` from its packed bits (see :func:`mask_digest`)."""
+    digest = hashlib.sha256("x".join(map(str, shape)).encode() + b":")
+    digest.update(packed.cpu().numpy().tobytes())
+    return digest.hexdigest()[:DIGEST_CHARS]
+
+
+def mask_digest(kept: torch.Tensor) -> str:
+    """A fingerprint of a mask's positions: sha256 of its shape and packed bits, 16 hex digits.
+
+    Equal exactly when the shapes and the kept positions are equal (up to a 2^-64 chance),
+    whatever the device. For a layer, pass the (out, in) orientation (:func:`weight_matrix`),
+    so that a GPT-2 ``Conv1D`` and its ``nn.Linear`` twin agree.
+    """
+    return digest_packed(pack_kept(kept), tuple(kept.shape))
+
+
+def layer_digests(layers: dict[str, nn.Module]) -> dict[str, str]:
+    """Qualified name -> :func:`mask_digest` of the layer's ``weight != 0``; one host sync per device."""
+    names = list(layers)
+    packed = to_host([pack_layer(layers[name]) for name in names])
+    return {name: digest_packed(bits, tuple(weight_matrix(layers[name]).shape)) for name, bits in zip(names, packed)}
+
+
+def mask_digests(model: nn.Module) -> dict[str, str]:
+    """:func:`layer_digests` of every prunable layer of the decoder blocks."""
+    return layer_digests(prunable_layers(model))

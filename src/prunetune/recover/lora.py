@@ -82,13 +82,15 @@ def _setup(model: nn.Module, args: RecoveryArguments, masked: bool) -> Setup:
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info("%s on %d layer kinds (%s): %d trainable parameters", "masked LoRA" if masked else "LoRA",
                 len(config.target_modules), ", ".join(sorted(config.target_modules)), trainable)
-    adapted = [name for name in check.layers if any(name.endswith("." + t) for t in config.target_modules)]
     manifest = {
         "recovery_method": "masked_lora" if masked else "lora",
         "lora": {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
                  "target_modules": sorted(config.target_modules)},
-        # lets apply_adapter refuse a base whose sparsity differs from the one trained on
-        "base_zero_counts": {name: check.zeros[name] for name in adapted},
+        # let apply_adapter / resume refuse a base pruned differently from the one trained on --
+        # in every prunable layer, not only the adapted ones (the adapter corrects that pruning):
+        # the positions (digests), and the counts for messages and readers older than digests
+        "base_mask_digests": check.digests(),
+        "base_zero_counts": dict(check.zeros),
     }
     return Setup(model=peft_model, check=check, saves_adapter=True, manifest=manifest)
 
