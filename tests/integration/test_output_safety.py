@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from test_recover_cli import recover_args, workspace  # noqa: F401  (module fixture)
 from test_recover_resume import KillAfterSave, Killed, run
 
@@ -244,3 +245,25 @@ def test_check_output_dir_is_free_of_side_effects(tmp_path):
     with output_lock(out):
         with output_lock(out):  # nested in one process: no self-deadlock
             pass
+
+
+def test_resume_refuses_a_base_pruned_at_other_positions(workspace, tmp_path):  # noqa: F811
+    from factories import make_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from prunetune.modules import prunable_layers, weight_matrix
+
+    other = tmp_path / "other-base"  # same zero count in every layer, zeros one column to the right
+    model = AutoModelForCausalLM.from_pretrained(workspace / "pruned")
+    with torch.no_grad():
+        for module in prunable_layers(model).values():
+            weight = weight_matrix(module)
+            weight.copy_(weight.roll(1, dims=1))
+    model.save_pretrained(other)
+    make_tokenizer().save_pretrained(other)
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        run(workspace, out, "--recovery_method", "masked_lora", callbacks=[KillAfterSave(2)])
+    with pytest.raises(UsageError, match="pruned differently"):
+        run(workspace, out, "--recovery_method", "masked_lora", "--resume_from_checkpoint", "latest",
+            "--model_name_or_path", str(other))
