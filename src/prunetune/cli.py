@@ -24,9 +24,20 @@ COMMANDS = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("prunetune")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        from prunetune import __version__
+
+        return __version__
+
+
 def _usage() -> str:
     rows = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
-    return f"usage: prunetune [-v] COMMAND [ARGS...]\n\ncommands:\n{rows}\n\nprunetune COMMAND --help shows a command's options."
+    return f"usage: prunetune [-v] [--version] COMMAND [ARGS...]\n\ncommands:\n{rows}\n\nprunetune COMMAND --help shows a command's options."
 
 
 def configure_logging(verbose: int) -> None:
@@ -51,7 +62,9 @@ def configure_logging(verbose: int) -> None:
 
 def report_usage_error(err: UsageError) -> None:
     message = " ".join(str(err).split())
-    print("prunetune: error: " + "\n  ".join(textwrap.wrap(message, 100)), file=sys.stderr)
+    # Never break inside a flag, path or hyphenated word: the message is copied from.
+    lines = textwrap.wrap(message, 100, break_long_words=False, break_on_hyphens=False)
+    print("prunetune: error: " + "\n  ".join(lines), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         while flag in argv[1:]:
             argv.remove(flag)
             verbose += 1
+    if argv and argv[0] in ("--version", "-V"):
+        print(f"prunetune {_version()}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2

@@ -19,19 +19,60 @@ T = TypeVar("T")
 
 
 def load_mapping(path: str | Path) -> dict:
-    """Read a YAML or JSON file into a dict (clear error if missing or malformed)."""
+    """Read a YAML or JSON file into a dict.
+
+    Raises:
+        UsageError: a missing file, malformed YAML/JSON, a top level that is not a mapping,
+            or a value that contains itself (a YAML anchor used inside its own value).
+    """
+    import json
+
     import yaml
 
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UsageError(f"Config file {path} is a folder; give a YAML or JSON file.")
     if not path.is_file():
         raise UsageError(f"Config file {path} does not exist; give a YAML or JSON file.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UsageError(f"Config file {path} is not valid YAML/JSON: {err}") from err
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+        raise UsageError(f"Config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from err
+    except RecursionError as err:
+        raise UsageError(f"Config file {path} is nested too deeply to read; a config is a few levels of keys.") from err
     if not isinstance(data, dict):
-        raise UsageError(f"Config file {path} must hold a mapping of keys to values at the top level, not {type(data).__name__}.")
+        raise UsageError(f"Config file {path} must hold a mapping of keys to values at the top level, not "
+                         f"{type(data).__name__} ({str(data)[:60]!r}).")
+    check_acyclic(data, str(path))
     return data
+
+
+def check_acyclic(data, where: str = "config") -> None:
+    """Raise :class:`UsageError` if ``data`` contains itself.
+
+    ``yaml.safe_load("a: &x [*x]")`` builds a list that holds itself; converting or hashing
+    it would recurse until RecursionError. Shared (non-cyclic) aliases are fine.
+    """
+    # Iterative depth-first walk; `on_path` holds the containers between the root and here.
+    on_path: set[int] = set()
+    stack: list[tuple[Any, str, bool]] = [(data, "", False)]
+    while stack:
+        value, key, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(value))
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if id(value) in on_path:
+            raise UsageError(f"{where}: {key or 'the top level'} refers to itself (a YAML anchor used inside its own "
+                             "value, such as `a: &x [*x]`); write the value out instead of the alias.")
+        on_path.add(id(value))
+        stack.append((value, key, True))
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for child_key, child in items:
+            label = f"{key}[{child_key}]" if isinstance(value, list) else (f"{key}.{child_key}" if key else str(child_key))
+            stack.append((child, label, False))
 
 
 def _type_name(tp) -> str:
@@ -79,7 +120,7 @@ def _convert(value: Any, tp, where: str):
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UsageError(f"{where}: expected a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}.")
-        return from_mapping(tp, value, where)
+        return _build(tp, value, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -103,7 +144,15 @@ def _convert(value: Any, tp, where: str):
 
 
 def from_mapping(cls: type[T], data: dict, where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise UsageError."""
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and cycles raise UsageError."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{where}: expected a mapping with keys {', '.join(f.name for f in dataclasses.fields(cls))}, "
+                         f"got {type(data).__name__} {str(data)[:60]!r}.")
+    check_acyclic(data, where)
+    return _build(cls, data, where)
+
+
+def _build(cls: type[T], data: dict, where: str) -> T:
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in data if k not in names]

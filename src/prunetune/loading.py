@@ -1,7 +1,8 @@
 """Model and tokenizer loading: a hub id, a local folder, or ``tiny`` (the bundled model).
 
-Safetensors only, ``trust_remote_code`` off unless asked. Failures a user can cause (a
-missing folder, a hub id while offline, an unknown dtype) become :class:`UsageError`.
+Safetensors only, ``trust_remote_code`` off unless asked (and a warning when asked).
+Failures a user can cause (a missing folder, a hub id while offline, an unknown dtype, a
+device this machine lacks, a corrupt or truncated weights file) become :class:`UsageError`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,70 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def available_devices() -> list[str]:
+    """Device names this machine accepts, for messages: cpu, then cuda[:N] and mps when present."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        names += ["cuda", "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"]
+    if torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
+def check_device(name, flag: str = "--device") -> str | None:
+    """``name`` if it is a device this machine has (cpu, cuda, cuda:N, mps), else :class:`UsageError`.
+
+    Called while arguments are parsed, so ``--device cuda`` on a machine without a GPU fails
+    before the model loads rather than deep inside the work. ``None`` passes through.
+
+    Args:
+        name: a device string or ``torch.device``.
+        flag: how the message names the setting (``--device``, ``--compute_device``).
+    """
+    if name is None:
+        return None
+    accepted = ", ".join(available_devices())
+    if isinstance(name, torch.device):
+        name = str(name)
+    if not isinstance(name, str):
+        raise UsageError(f"{flag} {name!r} is not a device name; accepted on this machine: {accepted}.")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"{flag} {name!r} is not a device name; accepted on this machine: {accepted}.") from err
+    if device.type == "cpu":
+        return name
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {name!r}: torch {torch.__version__} sees no CUDA GPU on this machine; "
+                             f"accepted here: {accepted}.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             f"accepted: {accepted}.")
+        return name
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return name
+    raise UsageError(f"{flag} {name!r} is not a device prunetune can run on here; accepted on this machine: {accepted}.")
+
+
+def check_model(model, what: str = "model") -> None:
+    """Raise :class:`UsageError` unless ``model`` is a ``torch.nn.Module`` (API callers passing None, a path...)."""
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{what} must be a loaded torch.nn.Module (e.g. from prunetune.load_model), got "
+                         f"{type(model).__name__} {str(model)[:80]!r}.")
+
+
+# Names already warned about; a warning per load would repeat it for tokenizer and model.
+_REMOTE_CODE_WARNED: set[str] = set()
+
+
+def _warn_remote_code(name: str) -> None:
+    if name not in _REMOTE_CODE_WARNED:
+        _REMOTE_CODE_WARNED.add(name)
+        logger.warning("--trust_remote_code: code shipped with %s will run on this machine.", name)
+
+
 def torch_dtype(name: str):
     if isinstance(name, torch.dtype):
         return name
@@ -80,6 +145,8 @@ def load_tokenizer(name_or_path: str, options: LoadOptions | None = None):
 
     options = options or LoadOptions()
     path = resolve_model_path(name_or_path)
+    if options.trust_remote_code:
+        _warn_remote_code(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=options.cache_dir, trust_remote_code=options.trust_remote_code)
     except (OSError, ValueError) as err:
@@ -90,11 +157,25 @@ def load_tokenizer(name_or_path: str, options: LoadOptions | None = None):
 
 
 def load_model(name_or_path: str, options: LoadOptions | None = None):
-    """A causal LM in eval mode, from safetensors weights."""
+    """A causal LM in eval mode, from safetensors weights.
+
+    Raises:
+        UsageError: a missing or incomplete folder, an unreachable hub id, an unknown dtype,
+            a device this machine lacks, or a corrupt / truncated ``.safetensors`` file.
+    """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     options = options or LoadOptions()
     path = resolve_model_path(name_or_path)
+    if Path(path).is_dir():
+        from prunetune.outputs import require_complete
+
+        require_complete(path, "model folder")  # an unfinished recovery run's folder is not a model yet
+    if options.device_map is None:
+        check_device(options.device)
+    if options.trust_remote_code:
+        _warn_remote_code(name_or_path)
     kwargs = dict(
         dtype=torch_dtype(options.dtype),
         cache_dir=options.cache_dir,
@@ -105,6 +186,8 @@ def load_model(name_or_path: str, options: LoadOptions | None = None):
         kwargs["device_map"] = options.device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except SafetensorError as err:
+        raise UsageError(_corrupt_weights(path, name_or_path, err)) from err
     except (OSError, ValueError) as err:
         raise UsageError(_load_failure("model", name_or_path, err)) from err
     if options.device_map is None and options.device:
@@ -125,6 +208,25 @@ def max_positions(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def _corrupt_weights(path: str, name: str, err: Exception) -> str:
+    """Name the unreadable weights file: the first local .safetensors whose header fails to open."""
+    from safetensors import safe_open
+
+    broken = None
+    folder = Path(path)
+    if folder.is_dir():
+        for file in sorted(folder.glob("*.safetensors")):
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except Exception:  # noqa: BLE001 - any failure to open is the answer we look for
+                broken = file
+                break
+    where = f"the weights file {broken}" if broken else f"a weights file of {name!r}"
+    return (f"Could not load the model {name!r}: {where} is corrupt or truncated ({err}). Re-download or "
+            "re-save the model (an interrupted copy or download leaves a short file), or give another model folder.")
 
 
 def _load_failure(what: str, name: str, err: Exception) -> str:

@@ -107,18 +107,26 @@ def check_output_dir(path: str | Path, overwrite: bool = False, flag: str = OVER
     return path
 
 
-def check_output_file(path: str | Path, what: str = "--json") -> Path:
-    """Validate a file output before any work: not a folder, a writable or creatable parent."""
-    given = str(path)
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise UsageError(f"{what} {given} is a folder; give a file path such as {Path(given) / 'result.json'}.")
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {given} cannot be written: {parent} is not a writable folder. Choose a writable location.")
-    return path
+def check_output_file(path: str | Path, flag: str = "--json") -> Path:
+    """Before any work: ``path`` can be written as a file.
+
+    It must not be a folder, and the nearest folder that exists above it must be writable
+    (the missing ones in between are created when the file is written).
+    """
+    target = Path(path).expanduser()
+    if not str(path).strip() or target.is_dir():
+        raise UsageError(f"{flag} {path!r} is a folder; give a file path such as {str(target / 'result.json')!r}.")
+    existing = target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path!r} cannot be written: {str(existing)!r} is a file, not a folder. "
+                         "Give a path inside a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path!r} cannot be written: the folder {str(existing)!r} is not writable. "
+                         "Give a path in a folder you can write to.")
+    return target
+
 
 
 # --------------------------------------------------------------------------- lock

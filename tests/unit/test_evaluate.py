@@ -49,3 +49,33 @@ def test_seqlen_limits():
         perplexity(model, stream, 512)
     with pytest.raises(UsageError, match="fewer than one window"):
         perplexity(model, stream[:, :10], 64)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "batch_size=0"),
+    ({"batch_size": 2.5}, "batch_size=2.5"),
+    ({"max_windows": 0}, "max_windows=0"),
+    ({"max_windows": -1}, "max_windows=-1"),
+    ({"seqlen": "64"}, "seqlen='64'"),
+    ({"seqlen": 1}, "seqlen=1"),
+])
+def test_bad_window_options_are_usage_errors(kwargs, message):
+    model = make_model("llama")
+    stream = torch.zeros(1, 512, dtype=torch.long)
+    arguments = {"seqlen": 64, **kwargs}
+    with pytest.raises(UsageError, match=message):
+        perplexity(model, stream, **arguments)
+
+
+def test_non_finite_logits_say_whether_the_weights_hold_nan():
+    stream = torch.randint(0, 128, (1, 128), generator=torch.Generator().manual_seed(3))
+    model = make_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e38)  # finite weights whose logits overflow float32
+    with pytest.raises(UsageError, match="weights are finite: the forward pass overflowed in float32"):
+        perplexity(model, stream, 64)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = math.nan
+    with pytest.raises(UsageError, match=r"weights hold NaN/inf \(1 tensor\(s\), first model.layers.1.mlp.down_proj.weight\)"):
+        perplexity(model, stream, 64)
+    assert not model.training  # restored after the error

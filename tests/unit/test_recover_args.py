@@ -91,3 +91,42 @@ def test_help_renders(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert ("--save_model" if command == "merge" else "--recovery_method") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--learning_rate nan", "--learning_rate nan"),
+    ("--learning_rate 0", "--learning_rate 0"),
+    ("--per_device_train_batch_size 0", "--per_device_train_batch_size 0"),
+    ("--per_device_eval_batch_size 0", "--per_device_eval_batch_size 0"),
+    ("--num_train_epochs -1", "--num_train_epochs -1"),
+    ("--num_train_epochs 0", "trains nothing"),
+    ("--gradient_accumulation_steps 0", "--gradient_accumulation_steps 0"),
+    ("--max_steps -2", "--max_steps -2"),
+    ("--warmup_steps -1", "--warmup_steps -1"),
+    ("--logging_steps 0", "--logging_steps 0"),
+    ("--save_steps 0", "--save_steps 0"),
+])
+def test_training_values_that_would_train_nothing_are_usage_errors(flags, message, tmp_path):
+    with pytest.raises(UsageError, match=message):
+        parse(f"--model_name_or_path tiny --output_dir {tmp_path} {flags}".split())
+
+
+def test_max_steps_overrides_zero_epochs_and_output_dir_is_required(tmp_path):
+    *_, training = parse(f"--model_name_or_path tiny --output_dir {tmp_path} --num_train_epochs 0 --max_steps 5".split())
+    assert (training.max_steps, training.num_train_epochs) == (5, 0)
+    with pytest.raises(UsageError, match="--output_dir is required"):
+        parse(["--model_name_or_path", "tiny"])
+
+
+def test_argument_file_types_and_unknown_flags(tmp_path):
+    path = tmp_path / "recover.yaml"
+    path.write_text(f"model_name_or_path: tiny\noutput_dir: {tmp_path}/o\nlearning_rate: 1e-4\nlora_alpha: 32\n")
+    _, _, recovery, training = parse([str(path)])  # YAML reads 1e-4 as a string; an int alpha is a float
+    assert training.learning_rate == 1e-4 and recovery.lora_alpha == 32.0
+    path.write_text(f"model_name_or_path: tiny\noutput_dir: {tmp_path}/o\nlora_r: eight\n")
+    with pytest.raises(UsageError, match="key 'lora_r': 'eight' is not accepted; expected: integer"):
+        parse([str(path)])
+    with pytest.raises(UsageError, match="'--lora-rnk'.*did you mean --lora-r"):
+        parse(f"--model_name_or_path tiny --output_dir {tmp_path} --lora-rnk 4".split())
+    with pytest.raises(UsageError, match="invalid int value: 'eight'"):
+        parse(f"--model_name_or_path tiny --output_dir {tmp_path} --lora_r eight".split())

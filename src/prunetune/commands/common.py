@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from prunetune.loading import DTYPES, LoadOptions
+from prunetune.loading import DTYPES, LoadOptions, check_device
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dtype_default: str = "auto") -> None:
@@ -19,7 +19,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, dtype_default: str = "a
 
 
 def load_options(args: argparse.Namespace) -> LoadOptions:
-    device = args.device
+    """LoadOptions from the model flags; a --device this machine lacks is a UsageError here, before loading."""
+    device = check_device(args.device, "--device")
     if device is None and args.device_map is None:
         import torch
 

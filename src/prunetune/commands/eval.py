@@ -9,7 +9,9 @@ import argparse
 import logging
 
 from prunetune.commands.common import add_model_arguments, default_dataset, load_options, print_json
+from prunetune.outputs import check_output_file
 from prunetune.data import describe_sources
+from prunetune.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -27,30 +29,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _validate(args: argparse.Namespace):
+    """Every check that needs no model: the data, window sizes, device, adapter and --json path."""
+    from prunetune.data import check_source
+    from prunetune.evaluate import check_window_options
+
+    check_window_options(args.seqlen, args.batch_size, args.max_windows, flags=True)
+    dataset = args.dataset or default_dataset(args.model)
+    check_source(dataset)
+    if args.lora_weights:
+        from prunetune.recover.adapter import read_adapter_config
+
+        read_adapter_config(args.lora_weights)
+    if args.json_path:
+        check_output_file(args.json_path, "--json")
+    return dataset, load_options(args)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from prunetune.data import check_source
-    from prunetune.evaluate import autocast_for, default_seqlen, evaluate_dataset
+    dataset, options = _validate(args)
+    from prunetune.evaluate import autocast_for, check_seqlen, default_seqlen, evaluate_dataset
     from prunetune.loading import load_model, load_tokenizer
     from prunetune.outputs import write_json
 
-    dataset = args.dataset or default_dataset(args.model)
-    check_source(dataset)
-    options = load_options(args)
     tokenizer = load_tokenizer(args.model, options)
     model = load_model(args.model, options)
+    seqlen = default_seqlen(model) if args.seqlen is None else args.seqlen  # 0 is rejected above, not a default
+    check_seqlen(model, seqlen)
     if args.lora_weights:
         from prunetune.recover.adapter import apply_adapter
 
         model = apply_adapter(model, args.lora_weights)
-    seqlen = args.seqlen or default_seqlen(model)
     result = evaluate_dataset(model, tokenizer, dataset, seqlen, batch_size=args.batch_size, split=args.split,
                               max_windows=args.max_windows, progress=True, autocast_dtype=autocast_for(model),
                               cache_dir=args.cache_dir)
     payload = {"model": args.model, "lora_weights": args.lora_weights, **result.to_dict()}
     print(f"{args.model} on {dataset} ({result.windows} x {seqlen} tokens): perplexity {result.perplexity:.4f}")
-    if args.json_path:
-        write_json(args.json_path, payload)
-    else:
+    if not args.json_path:
         print_json(payload)
+        return 0
+    try:
+        write_json(args.json_path, payload)
+    except OSError as err:
+        print_json(payload)  # the numbers cost a full evaluation: show them before failing
+        raise UsageError(f"Could not write --json {args.json_path!r}: {err.strerror or err}. The result is printed "
+                         "above; give a file path in a writable folder with free space.") from err
     return 0

@@ -92,7 +92,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
                     "would be lost. Give the same folder for both (the report then goes into the model folder) or another one.")
         require(not report.exists() or args.overwrite,
                 f"--save: {report} already exists. Choose another folder, or pass --overwrite_output_dir to replace the report.")
-        check_output_file(report, what="--save report")
+        check_output_file(report, "--save report")
 
 
 def _validate(args: argparse.Namespace):

@@ -11,7 +11,11 @@ TrainingArguments dataclasses), or one .yaml/.json file of the same keys::
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Union, get_args, get_origin
 
 from prunetune.errors import UsageError
 
@@ -23,23 +27,124 @@ def build_parser():
 
     from prunetune.recover.args import ARGUMENT_CLASSES
 
-    return HfArgumentParser(ARGUMENT_CLASSES, prog="prunetune recover", description=__doc__)
+    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="prunetune recover", description=__doc__)
+    parser.error = _argument_error  # one paragraph instead of argparse's 150-line usage dump
+    return parser
+
+
+def _argument_error(message: str):
+    raise UsageError(f"{message} (prunetune recover --help lists the options and their types).")
 
 
 def parse(argv: list[str]):
-    """The four argument dataclasses from flags or from a single .yaml/.json file."""
+    """The four argument dataclasses from flags or from a single .yaml/.json file.
+
+    Raises:
+        UsageError: an unknown flag or key (naming the closest known ones), a value of the
+            wrong type (argparse's message for flags), a file that is not a mapping or
+            refers to itself, or a value out of range.
+    """
     parser = build_parser()
     if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
-        path = Path(argv[0]).expanduser()
-        if not path.is_file():
-            raise UsageError(f"Argument file {argv[0]} does not exist.")
-        try:
-            if path.suffix == ".json":
-                return parser.parse_json_file(str(path))
-            return parser.parse_yaml_file(str(path))
-        except ValueError as err:  # unknown keys
-            raise UsageError(f"{argv[0]}: {err}") from err
+        from prunetune.config import load_mapping
+
+        return parse_mapping(parser, load_mapping(argv[0]), argv[0])
+    # Unknown flags first: otherwise a misspelt --output_dir reads as a missing one.
+    _, remaining = parser.parse_known_args(args=argv)
+    if remaining:
+        raise UsageError(_unknown_argument(parser, remaining))
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _option_strings(parser) -> list[str]:
+    return [option for action in parser._actions for option in action.option_strings]
+
+
+def _unknown_argument(parser, remaining: list[str]) -> str:
+    flags = [item for item in remaining if item.startswith("-")]
+    if not flags:
+        return (f"Unexpected argument {remaining[0]!r}: prunetune recover takes --flags, or a single .yaml/.json "
+                "file of the same keys (see prunetune recover --help).")
+    flag = flags[0].split("=", 1)[0]
+    # Suggest in the user's spelling: every --snake_case flag also has a --kebab-case alias.
+    dashed = "-" in flag.lstrip("-")
+    options = [o for o in _option_strings(parser) if ("-" in o.lstrip("-")) == dashed] or _option_strings(parser)
+    hint = _did_you_mean(difflib.get_close_matches(flag, options, n=3))
+    return f"Unknown option {flag!r} for prunetune recover; {hint}prunetune recover --help lists the accepted options."
+
+
+def _did_you_mean(names: list[str]) -> str:
+    if not names:
+        return ""
+    return f"did you mean {names[0] if len(names) == 1 else ', '.join(names[:-1]) + ' or ' + names[-1]}? "
+
+
+def parse_mapping(parser, data: dict, source: str):
+    """The four dataclasses from an argument file's mapping, types checked per key first."""
+    fields = {}
+    for cls in parser.dataclass_types:
+        hints = typing.get_type_hints(cls)
+        fields.update({f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls) if f.init})
+    for key in data:
+        if key not in fields:
+            hint = _did_you_mean([repr(name) for name in difflib.get_close_matches(str(key), list(fields), n=3)])
+            raise UsageError(f"{source}: unknown key {key!r}; {hint}the keys are the flags of prunetune recover "
+                             "without their leading -- (prunetune recover --help lists them).")
+    values = {key: _coerce(value, fields[key], f"{source}: key {key!r}") for key, value in data.items()}
+    try:
+        return parser.parse_dict(values)
+    except ValueError as err:
+        if isinstance(err, UsageError):
+            raise
+        raise UsageError(f"{source}: {err}") from err
+
+
+def _type_name(tp) -> str:
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in get_args(tp))
+    names = {type(None): "null", bool: "true or false", int: "integer", float: "number", str: "string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value, tp, where: str):
+    """``value`` as type ``tp`` for the plain types (bool, int, float, str, their unions); other types pass.
+
+    HfArgumentParser hands file values to the dataclasses unchecked, so ``lora_r: "eight"``
+    would surface as a TypeError deep in validation. YAML reads ``1e-4`` as a string: floats
+    accept numeric strings.
+    """
+    if get_origin(tp) in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except UsageError:
+                continue
+        raise UsageError(f"{where}: {value!r} is not accepted; expected: {_type_name(tp)}.")
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                ok = False
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:  # enums, lists, dicts: the dataclass and TrainingArguments check these themselves
+        return value
+    if not ok:
+        raise UsageError(f"{where}: {value!r} is not accepted; expected: {_type_name(tp)}.")
+    return value
 
 
 def _gib(n: int) -> str:

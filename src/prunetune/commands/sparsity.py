@@ -13,10 +13,14 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from prunetune.commands.common import print_json
+    from prunetune.outputs import check_output_file
+    from prunetune.errors import UsageError
     from prunetune.loading import LoadOptions, load_model
     from prunetune.masks import measure_sparsity
     from prunetune.outputs import write_json
 
+    if args.json_path not in (None, "-"):
+        check_output_file(args.json_path, "--json")  # before loading a model that may take minutes
     model = load_model(args.model, LoadOptions(trust_remote_code=args.trust_remote_code))
     report = measure_sparsity(model)
     if args.json_path == "-":
@@ -24,5 +28,9 @@ def main(argv: list[str]) -> int:
         return 0
     print(report.table())
     if args.json_path:
-        write_json(args.json_path, report.to_dict())
+        try:
+            write_json(args.json_path, report.to_dict())
+        except OSError as err:
+            raise UsageError(f"Could not write --json {args.json_path!r}: {err.strerror or err}. The table is printed "
+                             "above; give a file path in a writable folder with free space.") from err
     return 0

@@ -80,6 +80,10 @@ class PruneConfig:
     progress: bool = False
 
     def __post_init__(self):
+        from prunetune.loading import check_device
+
+        # Before any work: a GPU this machine lacks would otherwise fail after the calibration data is drawn.
+        self.device = check_device(self.device, "--compute_device (PruneConfig.device)")
         self.pruner = build_pruner(self.method, self.sparsity_ratio, self.sparsity_type, self.use_variant, self.options)
         self.sparsity_ratio = self.pruner.ratio
         require(not self.true_sequential or self.pruner.needs_calibration,
@@ -202,10 +206,15 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None) -> PruneRepo
         A :class:`PruneReport` (per-module sparsity, time, calibration data and fingerprint).
 
     Raises:
-        UsageError: bad configuration, layers that cannot take the structure, a model whose
-            blocks cannot be found, calibration data that is missing or too small.
+        UsageError: a model that is not a torch module, bad configuration, layers that cannot
+            take the structure, a model whose blocks cannot be found, calibration data that is
+            missing or too small.
     """
-    config = config or PruneConfig()
+    from prunetune.loading import check_model
+
+    check_model(model)
+    config = PruneConfig() if config is None else config
+    require(isinstance(config, PruneConfig), f"config must be a PruneConfig, got {type(config).__name__}.")
     pruner = config.pruner
     layers = check_layers(model, config)
     initial = measure_sparsity(model)

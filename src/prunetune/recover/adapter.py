@@ -53,7 +53,11 @@ def read_adapter_config(adapter_path: str | Path) -> dict:
         UsageError: not a folder, no adapter config (a full model folder gets its own hint),
             a config that is not a JSON object, not LoRA, or a LoRA field of the wrong type.
     """
+    from prunetune.outputs import require_complete
+
     path = Path(adapter_path).expanduser()
+    if path.is_dir():
+        require_complete(path, "adapter folder")  # a run still training (or killed): its adapter is not final
     if not path.is_dir():
         raise UsageError(f"Adapter folder {adapter_path} does not exist; give the --output_dir of `prunetune recover`.")
     file = path / ADAPTER_CONFIG

@@ -9,6 +9,7 @@ help. Values are checked in ``__post_init__``, before anything is loaded.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -16,6 +17,14 @@ from transformers import TrainingArguments
 from prunetune.errors import UsageError, require
 
 METHODS = ("lora", "masked_lora", "full")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 SPLITS = ("train", "validation", "test")
 
 
@@ -71,10 +80,11 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        require(self.block_size is None or self.block_size >= 2, f"--block_size {self.block_size} is too small; give 2 or more.")
+        require(self.block_size is None or (_is_int(self.block_size) and self.block_size >= 2),
+                f"--block_size {self.block_size!r} is too small; give an integer of 2 or more.")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
-            require(value is None or value > 0, f"--{name} {value} must be a positive number of blocks.")
+            require(value is None or (_is_int(value) and value > 0), f"--{name} {value!r} must be a positive number of blocks.")
         require(self.validation_split in SPLITS, f"--validation_split {self.validation_split!r}; accepted: {', '.join(SPLITS)}.")
         if self.dataset_name is not None:
             from prunetune.data import check_source
@@ -122,14 +132,18 @@ class RecoveryArguments:
 
     def __post_init__(self):
         require(self.recovery_method in METHODS, f"Unknown --recovery_method {self.recovery_method!r}; accepted: {', '.join(METHODS)}.")
-        require(self.lora_r > 0, f"--lora_r {self.lora_r} must be a positive rank.")
-        require(self.lora_alpha > 0, f"--lora_alpha {self.lora_alpha} must be positive.")
+        require(_is_int(self.lora_r) and self.lora_r > 0, f"--lora_r {self.lora_r!r} must be a positive rank (an integer).")
+        require(_is_number(self.lora_alpha) and self.lora_alpha > 0, f"--lora_alpha {self.lora_alpha!r} must be a positive number.")
         if self.lora_dropout is None:
             self.lora_dropout = 0.0 if self.recovery_method == "masked_lora" else 0.05
-        require(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout {self.lora_dropout} must be in [0, 1).")
+        require(_is_number(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0,
+                f"--lora_dropout {self.lora_dropout!r} must be in [0, 1).")
+        require(isinstance(self.lora_target_modules, str),
+                f"--lora_target_modules {self.lora_target_modules!r} must be a comma-separated string such as q_proj,v_proj.")
         require(bool(self.target_patterns()), "--lora_target_modules is empty; give layer names such as q_proj,v_proj or all-linear.")
         require(self.remask_after_step in ("auto", "always"), f"--remask_after_step {self.remask_after_step!r}; accepted: auto, always.")
-        require(self.eval_seqlen is None or self.eval_seqlen >= 2, f"--eval_seqlen {self.eval_seqlen} is too small.")
+        require(self.eval_seqlen is None or (_is_int(self.eval_seqlen) and self.eval_seqlen >= 2),
+                f"--eval_seqlen {self.eval_seqlen!r} is too small; give an integer of 2 or more.")
 
     def target_patterns(self) -> list[str]:
         return [p.strip() for p in self.lora_target_modules.split(",") if p.strip()]
@@ -157,6 +171,10 @@ class RecoveryTrainingArguments(TrainingArguments):
     def __post_init__(self):
         import torch
 
+        # transformers 5 makes output_dir optional and fills in ./trainer_output: check before it does.
+        require(self.output_dir is not None and str(self.output_dir).strip() != "",
+                "--output_dir is required: the folder for the adapter/model (and recovery.json) this run writes.")
+        self._check_training_values()
         accelerated = torch.cuda.is_available() or torch.backends.mps.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
         if not accelerated:
             # CPU-only machine: say so, which also lets torchrun / accelerate launch run gloo DDP
@@ -171,6 +189,36 @@ class RecoveryTrainingArguments(TrainingArguments):
             super().__post_init__()
         except (ValueError, ImportError) as err:
             raise UsageError(f"Invalid training arguments: {err}") from err
+
+
+    def _check_training_values(self) -> None:
+        """Values the Trainer would accept and then train nothing (or NaN) with."""
+        def number(name: str, value, minimum: float, *, integer: bool, strict: bool, hint: str) -> None:
+            ok = _is_int(value) if integer else _is_number(value)
+            ok = ok and (value > minimum if strict else value >= minimum)
+            require(ok, f"--{name} {value!r} is not accepted: {hint}.")
+
+        number("learning_rate", self.learning_rate, 0, integer=False, strict=True,
+               hint="give a positive finite number, e.g. 1e-4 (lora, masked_lora) or 2e-5 (full)")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            number(name, getattr(self, name), 1, integer=True, strict=False, hint="give an integer of 1 or more")
+        number("max_steps", self.max_steps, -1, integer=True, strict=False,
+               hint="give a positive number of optimizer steps, or -1 to train --num_train_epochs epochs")
+        number("num_train_epochs", self.num_train_epochs, 0, integer=False, strict=False,
+               hint="give a positive number of passes over the training data (fractions allowed)")
+        if self.do_train and self.max_steps <= 0:
+            require(self.num_train_epochs > 0,
+                    f"--num_train_epochs {self.num_train_epochs!r} with --max_steps {self.max_steps} trains nothing and would "
+                    "save an untrained adapter; give --num_train_epochs above 0 or --max_steps N (N > 0).")
+        number("warmup_steps", self.warmup_steps, 0, integer=False, strict=False,
+               hint="give 0 or more (below 1: a fraction of the run)")
+        number("logging_steps", self.logging_steps, 0, integer=False, strict=True,
+               hint="give a positive number of steps (below 1: a fraction of the run)")
+        for name in ("save_steps", "eval_steps"):
+            value = getattr(self, name)
+            if value is not None:
+                number(name, value, 0, integer=False, strict=True,
+                       hint="give a positive number of steps (below 1: a fraction of the run)")
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, RecoveryArguments, RecoveryTrainingArguments)
