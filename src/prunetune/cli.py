@@ -6,6 +6,7 @@ this file only dispatches, configures logging, and maps :class:`UsageError` to e
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import sys
@@ -60,6 +61,10 @@ def configure_logging(verbose: int) -> None:
             pass
 
 
+# Errors of the storage, not of prunetune: full disk, quota, read-only file system, permissions.
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def report_usage_error(err: UsageError) -> None:
     message = " ".join(str(err).split())
     # Never break inside a flag, path or hyphenated word: the message is copied from.
@@ -93,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(rest) or 0)
     except UsageError as err:
         report_usage_error(err)
+        return 2
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        report_usage_error(UsageError(
+            f"The storage failed{where}: {err.strerror or err}. Nothing half-written was left in place (outputs appear "
+            "whole or not at all); free space or choose another location, then run the command again."))
         return 2
     except KeyboardInterrupt:
         print("prunetune: interrupted", file=sys.stderr)

@@ -267,3 +267,30 @@ def test_resume_refuses_a_base_pruned_at_other_positions(workspace, tmp_path):  
     with pytest.raises(UsageError, match="pruned differently"):
         run(workspace, out, "--recovery_method", "masked_lora", "--resume_from_checkpoint", "latest",
             "--model_name_or_path", str(other))
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import prunetune.outputs
+
+    real = prunetune.outputs.write_json
+
+    def full_disk(path, payload):
+        if path.name == MANIFEST_NAME:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, payload)
+
+    monkeypatch.setattr(prunetune.outputs, "write_json", full_disk)
+    out = tmp_path / "model"
+    assert main(prune_args(out)) == 2
+    message = err(capsys)
+    assert "No space left on device" in message and "Traceback" not in message
+    assert not out.exists() and not list(tmp_path.glob(".model.*"))
+
+
+def test_eval_seqlen_beyond_the_model_is_refused_before_training(workspace, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "long"
+    assert main(recover_args(workspace, "lora", out, "--max_steps", "1", "--do_eval", "--eval_seqlen", "100000")) == 2
+    assert "--eval_seqlen 100000 exceeds" in err(capsys)
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "recovery.json").exists()

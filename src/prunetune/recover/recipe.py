@@ -269,6 +269,12 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
     if data_args.dataset_config_name:
         logger.warning("--dataset_config_name %s ignored: prunetune's %r source fixes its files", data_args.dataset_config_name, dataset)
     block_size = resolve_block_size(model, data_args)
+    if training_args.do_eval and recovery_args.eval_seqlen:  # before training, not after it
+        from prunetune.loading import max_positions
+
+        limit = max_positions(model)
+        require(limit is None or recovery_args.eval_seqlen <= limit,
+                f"--eval_seqlen {recovery_args.eval_seqlen} exceeds the model's {limit} positions; use {limit} or less.")
     result = RecoveryResult(method=method, model=model_args.model_name_or_path, output_dir=training_args.output_dir,
                             dataset=dataset, block_size=block_size, sparsity_before=sparsity_before,
                             resumed_from=str(resume_dir) if resume_dir else None)
