@@ -49,9 +49,17 @@ def test_pipeline_report_and_reuse(small_setup):
     assert rows["wanda 50% + full"]["sparsity_after_merge"] == pruned
     assert rows["wanda 50% + lora, merged + remasked"]["sparsity_after_merge"] == pruned
     assert rows["wanda 50% + lora"]["sparsity_after_merge"] < pruned - 0.05  # a plain LoRA merge densifies q/v
+    # each row's sparsity is that of the weights its perplexity was computed with: lora's W + BA
+    for name in ("wanda 50% + lora", "wanda 50% + masked_lora", "wanda 50% + full"):
+        assert rows[name]["sparsity"] == rows[name]["sparsity_after_merge"], name
+    # peak memory is each stage's own: on CPU the RSS increase, not the process's RSS (hundreds of MB here)
+    for name in ("magnitude 50%", "wanda 50%", "wanda 50% + lora", "wanda 50% + masked_lora", "wanda 50% + full"):
+        assert rows[name]["peak_memory_kind"] == "rss", name
+        assert 0 <= rows[name]["peak_memory_mb"] < 150, (name, rows[name]["peak_memory_mb"])
     assert rows["wanda 50% + lora"]["tokens_seen"] == 3 * 4 * 32
     report = (out / "report.md").read_text()
     assert "wanda 50% + masked_lora" in report and "![perplexity" in report
+    assert "peak memory (CPU: RSS increase)" in report and "above the RSS when the stage began" in report
     # the exported masked-LoRA model on disk has exactly the pruned sparsity
     stage_dirs = {json.loads(p.read_text())["stage"]: p.parent for p in (out / "stages").glob("*/stage.json")}
     from prunetune.loading import load_model

@@ -48,7 +48,7 @@ class RecoveryResult:
     train_seconds: float = 0.0
     tokens_per_second: float = 0.0
     peak_memory_bytes: int = 0
-    peak_memory_kind: str = ""  # cuda_allocated | rss (peak during training; see prunetune.memory)
+    peak_memory_kind: str = ""  # cuda_allocated | rss_increase (during training; see prunetune.memory)
     train_loss: float | None = None
     sparsity_before: float = 0.0
     sparsity_after: float = 0.0  # of the trained/frozen weights
@@ -343,8 +343,10 @@ def _train(trainer: Trainer, args: RecoveryTrainingArguments, resume_dir: Path |
     result.train_seconds = float(output.metrics.get("train_runtime", 0.0))
     result.tokens_per_second = result.tokens / result.train_seconds if result.train_seconds else 0.0
     result.train_loss = output.training_loss
-    result.peak_memory_bytes = int(peak.peak_mb * 2**20)
-    result.peak_memory_kind = peak.kind  # cuda_allocated, or rss: the process's peak during training
+    # CUDA: peak allocated during training; CPU: how far the resident set rose above its level
+    # when training started (the absolute RSS would count whatever the process held before)
+    result.peak_memory_bytes = int(peak.block_mb * 2**20)
+    result.peak_memory_kind = peak.kind if peak.kind != "rss" else "rss_increase"
 
 
 def _save(trainer: Trainer, setup) -> None:
