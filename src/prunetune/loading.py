@@ -48,6 +48,22 @@ class LoadOptions:
     device_map: str | dict | None = None
     trust_remote_code: bool = False
     cache_dir: str | None = None
+    flag: str = "--model"  # how messages name the option the model came from
+
+
+def _hub_kwargs(path: str) -> dict:
+    """``local_files_only`` for a hub id when the Hub cannot be reached: the cache answers at once."""
+    from prunetune.hub import hub_offline
+
+    return {"local_files_only": True} if not Path(path).is_dir() and hub_offline() else {}
+
+
+def _hub_failure(what: str, name: str, path: str, options: "LoadOptions", err: Exception) -> UsageError:
+    from prunetune.hub import offline_error, offline_reason
+
+    if not Path(path).is_dir() and offline_reason() is not None:
+        return offline_error(what, name, options.flag)
+    return UsageError(_load_failure(what, name, err))
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -62,8 +78,9 @@ def resolve_model_path(name_or_path: str) -> str:
             raise UsageError(f"Model folder {name_or_path!r} has no config.json; give a Hugging Face model folder (config.json + safetensors weights), a hub id, or 'tiny'.")
         return str(path)
     # A hub id is "name" or "org/name"; anything else that does not exist is a bad path.
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
-    if looks_local:
+    from prunetune.hub import looks_like_path
+
+    if looks_like_path(name_or_path):
         raise UsageError(f"Model path {name_or_path!r} does not exist. Give an existing model folder, a hub id such as meta-llama/Llama-2-7b-hf, or 'tiny' for the bundled model.")
     return name_or_path
 
@@ -148,9 +165,10 @@ def load_tokenizer(name_or_path: str, options: LoadOptions | None = None):
     if options.trust_remote_code:
         _warn_remote_code(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=options.cache_dir, trust_remote_code=options.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=options.cache_dir, trust_remote_code=options.trust_remote_code,
+                                                  **_hub_kwargs(path))
     except (OSError, ValueError) as err:
-        raise UsageError(_load_failure("tokenizer", name_or_path, err)) from err
+        raise _hub_failure("tokenizer", name_or_path, path, options, err) from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -181,6 +199,7 @@ def load_model(name_or_path: str, options: LoadOptions | None = None):
         cache_dir=options.cache_dir,
         trust_remote_code=options.trust_remote_code,
         use_safetensors=True,
+        **_hub_kwargs(path),
     )
     if options.device_map is not None:
         kwargs["device_map"] = options.device_map
@@ -189,7 +208,7 @@ def load_model(name_or_path: str, options: LoadOptions | None = None):
     except SafetensorError as err:
         raise UsageError(_corrupt_weights(path, name_or_path, err)) from err
     except (OSError, ValueError) as err:
-        raise UsageError(_load_failure("model", name_or_path, err)) from err
+        raise _hub_failure("model", name_or_path, path, options, err) from err
     if options.device_map is None and options.device:
         model.to(options.device)
     model.eval()

@@ -1,0 +1,76 @@
+"""Is the Hugging Face Hub reachable? Asked once per process, answered in seconds.
+
+Without network, ``from_pretrained`` / ``load_dataset`` retry for 25-55 s and print a dozen
+warnings before failing. Before prunetune hands a hub id to them it asks :func:`hub_offline`:
+
+* ``HF_HUB_OFFLINE=1`` (or ``HF_DATASETS_OFFLINE=1``) set by the user: offline, no probe;
+* otherwise one TCP connection to the Hub's host (``HF_ENDPOINT`` or huggingface.co, port
+  443, 3 s timeout) decides, and the answer is kept for the rest of the process -- the
+  network does not come and go within one command, and asking again would cost the wait again.
+
+Offline, callers load with ``local_files_only`` (the cache still serves what it holds) and,
+when the cache does not hold it, raise :func:`offline_error`, which names the flag the user gave.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from urllib.parse import urlparse
+
+from prunetune.errors import UsageError
+
+PROBE_TIMEOUT_S = 3.0
+TRUE = {"1", "true", "yes", "on"}
+
+
+def _env_offline() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in TRUE for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+@functools.lru_cache(maxsize=1)
+def _probe(endpoint: str) -> str | None:
+    """None when the endpoint accepts a TCP connection, else why not (one line)."""
+    parsed = urlparse(endpoint)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            return None
+    except OSError as err:
+        return f"{host}:{port} unreachable ({err.strerror or err})"
+
+
+def offline_reason() -> str | None:
+    """Why the Hub cannot be used from this process (None: it can)."""
+    if _env_offline():
+        return "HF_HUB_OFFLINE is set"
+    return _probe(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+def hub_offline() -> bool:
+    return offline_reason() is not None
+
+
+def looks_like_path(name: str) -> bool:
+    """A name the user meant as a local path, never a hub id (``org/name``).
+
+    It starts with ``.``, ``/`` or ``~``; has more than one ``/``; uses ``\\``; or its first
+    component exists here (``out/nonexistent`` when ``out/`` exists: a mistyped folder).
+    """
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        return True
+    head = name.split("/", 1)[0]
+    return "/" in name and os.path.isdir(head)
+
+
+def offline_error(what: str, name: str, flag: str, reason: str | None = None) -> UsageError:
+    """The one message for a hub name that cannot be had offline."""
+    reason = reason or offline_reason() or "the Hub is unreachable"
+    local = "a .txt/.jsonl/.json/.parquet file or folder, or builtin" if what == "dataset" else "a local model folder, or tiny"
+    return UsageError(
+        f"{flag} {name}: this {what} comes from the Hugging Face Hub, which cannot be used here ({reason}), and it is "
+        f"not in the local cache. Give {local} instead, fill the cache on a machine with network (HF_HOME), or, with a "
+        "filled cache, set HF_HUB_OFFLINE=1 to skip the network check."
+    )

@@ -1,0 +1,56 @@
+"""Offline is fast and names the flag: one probe per process, paths are never taken for hub ids."""
+
+import time
+
+import pytest
+
+import prunetune.hub as hub
+from prunetune.errors import UsageError
+from prunetune.loading import LoadOptions, load_model, load_tokenizer, resolve_model_path
+
+
+@pytest.fixture()
+def unreachable(monkeypatch):
+    """A machine without network that nobody told about it (no HF_HUB_OFFLINE)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    calls = []
+
+    def probe(endpoint):
+        calls.append(endpoint)
+        return "huggingface.co:443 unreachable (Name or service not known)"
+
+    monkeypatch.setattr(hub, "_probe", probe)
+    return calls
+
+
+def test_a_hub_id_offline_fails_in_seconds_naming_the_flag(unreachable):
+    started = time.perf_counter()
+    with pytest.raises(UsageError, match="--model_name_or_path someorg/somemodel.*HF_HUB_OFFLINE=1"):
+        load_tokenizer("someorg/somemodel", LoadOptions(flag="--model_name_or_path"))
+    with pytest.raises(UsageError, match="--model someorg/somemodel.*local model folder"):
+        load_model("someorg/somemodel", LoadOptions())
+    assert time.perf_counter() - started < 10
+    assert unreachable  # the probe decided, not the library's retries
+
+
+def test_environment_offline_needs_no_probe(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "_probe", lambda endpoint: pytest.fail("probed although HF_HUB_OFFLINE is set"))
+    assert hub.offline_reason() == "HF_HUB_OFFLINE is set"
+
+
+@pytest.mark.parametrize("name", ["./model", "/abs/model", "~/model", "a/b/c", "out\\\\model"])
+def test_path_shapes_are_paths(name):
+    assert hub.looks_like_path(name)
+    with pytest.raises(UsageError, match="does not exist"):
+        resolve_model_path(name)
+
+
+def test_a_mistyped_folder_below_an_existing_one_is_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    assert hub.looks_like_path("out/nonexistent")
+    with pytest.raises(UsageError, match="does not exist"):
+        resolve_model_path("out/nonexistent")
+    assert not hub.looks_like_path("meta-llama/Llama-2-7b-hf")
