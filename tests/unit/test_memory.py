@@ -17,7 +17,19 @@ def _filled(mb: int) -> torch.Tensor:
     return torch.ones(mb * MB // 4)  # float32, every page written (torch.empty would stay unresident)
 
 
+def _trim() -> None:
+    """Hand freed heap back to the OS, so earlier tests' leftovers are not reused silently inside the block."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
 def test_cpu_increase_counts_memory_allocated_inside_the_block():
+    _trim()
     with track_peak_memory("cpu") as peak:
         block = _filled(200)
         del block
