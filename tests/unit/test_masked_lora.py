@@ -1,11 +1,16 @@
-"""Masked LoRA: forward and gradients equal the reference formula, merges keep the sparsity, saves round-trip."""
+"""Masked LoRA: forward and gradients equal the reference formula, merges keep the sparsity, saves round-trip;
+the fused forward keeps a small update in bf16 and saves no weight-sized tensor for backward."""
 
+import copy
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
+import torch.nn.functional as F
 from factories import ARCHS, make_model, random_tokens
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 
 from prunetune.errors import UsageError
 from prunetune.export import merge_adapter, merged_zero_fraction
@@ -13,7 +18,13 @@ from prunetune.masks import measure_sparsity
 from prunetune.modules import prunable_layers, weight_matrix
 from prunetune.recover.args import RecoveryArguments
 from prunetune.recover.lora import build_lora_config, resolve_targets
-from prunetune.recover.masked_lora import MaskedLoraConfig, MaskedLoraLinear
+from prunetune.recover.masked_lora import (
+    FusedPlan,
+    MaskedLinearFunction,
+    MaskedLoraConfig,
+    MaskedLoraLinear,
+    round_stochastically,
+)
 
 
 def pruned_model(arch="llama", seed=0):
@@ -35,13 +46,19 @@ def masked(model, targets="all-linear", dropout=0.0, **kwargs):
     return get_peft_model(model, config)
 
 
-def reference(layer: MaskedLoraLinear, x: torch.Tensor) -> torch.Tensor:
-    """x @ (W + s (B A) * M)^T + b, written out."""
-    weight = weight_matrix(layer.base_layer)  # (out, in)
+def reference(layer: MaskedLoraLinear, x: torch.Tensor, adapters=("default",)) -> torch.Tensor:
+    """x @ (W + sum s (B A) * M)^T + b, written out in fp32."""
+    weight = weight_matrix(layer.base_layer).float()  # (out, in)
     kept = weight != 0
-    delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
-    out = x @ (weight + delta * kept).T
-    return out if layer.base_layer.bias is None else out + layer.base_layer.bias
+    for adapter in adapters:
+        delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float() * layer.scaling[adapter]
+        weight = weight + delta * kept
+    out = x.float() @ weight.T
+    return out if layer.base_layer.bias is None else out + layer.base_layer.bias.float()
+
+
+def first_masked_layer(model) -> MaskedLoraLinear:
+    return next(m for m in model.modules() if isinstance(m, MaskedLoraLinear))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -50,9 +67,9 @@ def test_forward_and_gradients_equal_reference(arch):
     layers = [m for m in model.modules() if isinstance(m, MaskedLoraLinear)]
     assert layers and all(type(m.lora_variant["default"]).__name__ == "MaskedLoraVariant" for m in layers)
     layer = layers[0]
-    x = torch.randn(3, 5, layer.in_features)
+    x = torch.randn(3, 5, layer.in_features, requires_grad=True)  # the input gradient too, as inside a model
     expected = reference(layer, x)
-    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight, x]
     expected_grads = torch.autograd.grad(expected.square().sum(), params)
     model.train()
     fused = layer(x)  # no dropout: one-matmul path
@@ -63,6 +80,160 @@ def test_forward_and_gradients_equal_reference(arch):
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     model.eval()
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_active_adapters_fuse_to_their_sum():
+    model = masked(pruned_model())
+    model.add_adapter("other", copy.deepcopy(model.peft_config["default"]))
+    model.base_model.set_adapter(["default", "other"])
+    layer = first_masked_layer(model).train()
+    assert layer._fusable_adapters((), {}) == ["default", "other"]
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    params = [x] + [layer.lora_A[a].weight for a in ("default", "other")] + [layer.lora_B[a].weight for a in ("default", "other")]
+    expected = reference(layer, x, adapters=("default", "other"))
+    fused = layer(x)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(fused.square().sum(), params), torch.autograd.grad(expected.square().sum(), params)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["linear", "conv1d"])
+def test_fused_function_gradients(fan_in_fan_out, one_thread):
+    """fp64 gradcheck of every input (x, W, b, two adapters' factors) and the forward against the formula."""
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    weight = rand(4, 6)  # (out, in)
+    kept = (torch.rand(4, 6, generator=generator) < 0.5).double()
+    with torch.no_grad():
+        weight *= kept
+    x, bias = rand(2, 3, 6), rand(4)
+    lora_A1, lora_B1, lora_A2, lora_B2 = rand(2, 6), rand(4, 2), rand(3, 6), rand(4, 3)
+    plan = FusedPlan(scalings=(0.5, 2.0), fan_in_fan_out=fan_in_fan_out, dtype=torch.float64, seed=None)
+    stored = kept.t() if fan_in_fan_out else kept  # Conv1D stores the weight, and so the mask, as (in, out)
+
+    def fused(x, weight, bias, lora_A1, lora_B1, lora_A2, lora_B2):
+        return MaskedLinearFunction.apply(x, weight.t() if fan_in_fan_out else weight, bias, plan,
+                                          lora_A1, lora_B1, stored, lora_A2, lora_B2, stored)
+
+    inputs = (x, weight, bias, lora_A1, lora_B1, lora_A2, lora_B2)
+    delta = 0.5 * (lora_B1 @ lora_A1) * kept + 2.0 * (lora_B2 @ lora_A2) * kept
+    torch.testing.assert_close(fused(*inputs), x @ (weight + delta).T + bias)
+    assert torch.autograd.gradcheck(fused, inputs)
+
+
+@pytest.mark.parametrize("arch, autocast", [("llama", False), ("gpt2", False), ("opt", True)])
+def test_fused_path_saves_no_weight_sized_tensor(arch, autocast):
+    """Autograd keeps the layer input and the module's own tensors, never a (fused) weight."""
+    layer = first_masked_layer(masked(pruned_model(arch))).train()
+    held = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)  # needs its gradient: the weight is needed
+    new = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in held:
+            new.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+    assert [(tuple(t.shape), t.dtype) for t in new] == [(tuple(x.shape), out.dtype)]  # the input, in the matmul's dtype
+    out.float().sum().backward()  # and backward runs from what was saved
+    assert layer.lora_A["default"].weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_autocast_bf16(base_dtype):
+    """Under bf16 autocast the fused forward runs in bf16 like the base layer; values and gradients follow the formula."""
+    layer = first_masked_layer(masked(pruned_model().to(base_dtype))).train()
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT keeps adapters in fp32
+    x = torch.randn(4, 16, layer.in_features, requires_grad=True)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight, x]
+    expected = reference(layer, x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), params)
+    with torch.random.fork_rng(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(0)
+        fused = layer(x)
+        layer.lora_dropout["default"] = nn.Dropout(0.0)  # the unfused path, for comparison
+        unfused = layer(x)
+    assert fused.dtype == unfused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), expected, rtol=0.02, atol=0.02)
+    torch.testing.assert_close(fused.float(), unfused.float(), rtol=0.02, atol=0.02)
+    for got, want in zip(torch.autograd.grad(fused.float().square().sum(), params), expected_grads):
+        assert got.dtype == want.dtype == torch.float32
+        assert (got - want).norm() <= 0.02 * want.norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding(dtype, one_thread):
+    """Unbiased, always one of the two neighbours, zeros and representable values untouched, reproducible."""
+    eps = torch.finfo(dtype).eps
+    values = torch.tensor([1.0 + 0.3 * eps, -(1.0 + 0.3 * eps), 3.0 + 1.7 * eps, 0.25 - 0.1 * eps / 4])
+    values = values.repeat_interleave(20000)
+    rounded = round_stochastically(values.clone(), dtype, seed=0)
+    assert rounded.dtype == dtype
+    nearest = values.to(dtype)
+    other = torch.nextafter(nearest, torch.where(values > nearest.float(), torch.inf, -torch.inf).to(dtype))  # across
+    assert ((rounded == nearest) | (rounded == other)).all()
+    errors = (rounded.double() - values.double()).view(4, -1).mean(1)
+    steps = (other.double() - nearest.double()).abs().view(4, -1)[:, 0]
+    assert (errors.abs() <= 0.02 * steps).all()  # nearest rounding is off by 0.1 to 0.3 steps here
+    exact = torch.tensor([0.0, -0.0, 1.0, -2.5, 0.1]).to(dtype).float()
+    assert torch.equal(round_stochastically(exact.clone(), dtype, seed=1), exact.to(dtype))
+    assert torch.equal(round_stochastically(values.clone(), dtype, seed=0), rounded)
+    assert not torch.equal(round_stochastically(values.clone(), dtype, seed=1), rounded)
+
+
+def one_layer(config_class, weight, lora_A, lora_B, adapter_dtype) -> nn.Module:
+    """A single-Linear PEFT model with the given base weight and factors (s = 1); returns the adapted layer."""
+    net = nn.Sequential(OrderedDict(proj=nn.Linear(weight.shape[1], weight.shape[0], bias=False)))
+    net.proj.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    config = config_class(r=lora_A.shape[0], lora_alpha=lora_A.shape[0], target_modules=["proj"], init_lora_weights=False)
+    layer = get_peft_model(net, config).base_model.model.proj
+    layer.lora_A["default"].weight = nn.Parameter(lora_A.to(adapter_dtype))
+    layer.lora_B["default"].weight = nn.Parameter(lora_B.to(adapter_dtype))
+    return layer.train()
+
+
+def small_update(size=512, rank=8, ratio=1.5e-3, tokens=4096):
+    """bf16 weight with half of each row pruned, bf16-exact factors with mean |(B A) * M| / |W kept| = ratio, inputs."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(size, size, generator=generator) * 0.02
+    weight = weight.scatter_(1, weight.abs().argsort(dim=1)[:, : size // 2], 0.0).bfloat16()
+    kept = weight != 0
+    lora_A = torch.randn(rank, size, generator=generator) / size**0.5
+    lora_B = torch.randn(size, rank, generator=generator)
+    lora_B *= float(ratio * weight.double()[kept].abs().mean() / (lora_B.double() @ lora_A.double())[kept].abs().mean())
+    x = torch.randn(tokens, size, generator=generator).bfloat16()
+    return weight, lora_A.bfloat16().float(), lora_B.bfloat16().float(), x
+
+
+def slope(actual: torch.Tensor, intended: torch.Tensor) -> float:
+    """Least-squares slope of the output change against the intended one (1.0: the whole update arrives)."""
+    actual = actual.double()
+    return float((actual * intended).sum() / (intended * intended).sum())
+
+
+@pytest.mark.parametrize("adapter_dtype, autocast", [(torch.bfloat16, False), (torch.float32, True)],
+                         ids=["bf16", "fp32_adapters_autocast"])
+def test_bf16_fused_forward_keeps_a_small_update(adapter_dtype, autocast):
+    """An update of 1.5e-3 of each kept weight (below half a bf16 step) reaches the output whole, unlike before (0.77).
+
+    Also no worse than PEFT's LoRA with the same factors, measured the same way (its own, unmasked, update).
+    """
+    weight, lora_A, lora_B, x = small_update()
+    full = lora_B.double() @ lora_A.double()  # s = 1
+    intended = x.double() @ (full * (weight != 0)).T
+    with torch.no_grad(), torch.random.fork_rng(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        torch.manual_seed(0)
+        base = F.linear(x, weight)
+        masked_slope = slope(one_layer(MaskedLoraConfig, weight, lora_A, lora_B, adapter_dtype)(x) - base, intended)
+        lora_slope = slope(one_layer(LoraConfig, weight, lora_A, lora_B, adapter_dtype)(x) - base, x.double() @ full.T)
+    assert 0.95 <= masked_slope <= 1.05
+    assert masked_slope >= lora_slope
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -164,3 +335,17 @@ def test_cuda_fused_forward_matches_reference(dtype):
     # no pruned weight revived; in bf16 a kept weight can round to exactly zero (W + delta == 0)
     assert report.pattern_kept and (report.exact or dtype == torch.bfloat16)
     assert all(layer.zeros_after - layer.zeros_before == layer.kept_zeroed for layer in report.layers)
+
+
+def test_bf16_eval_is_deterministic_and_leaves_the_global_generator_alone():
+    layer = first_masked_layer(masked(pruned_model().to(torch.bfloat16))).eval()
+    x = torch.randn(2, 8, layer.in_features, dtype=torch.bfloat16)
+    state = torch.random.get_rng_state()
+    with torch.no_grad():
+        first, second = layer(x), layer(x)
+    assert torch.equal(first, second)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    layer.train()
+    with torch.no_grad():
+        layer(x)
+    assert not torch.equal(torch.random.get_rng_state(), state)  # training draws, like dropout
