@@ -214,15 +214,14 @@ def lora_cases(model, device, data, warmup, batch):
 def full_cases(model, device, data, warmup, batch):
     from prunetune.masks import MaskSet
     from prunetune.recover.args import RecoveryArguments
-    from prunetune.recover.full import KEPT_BUFFER, PRUNED_BUFFER, MaskEnforcer, setup_full
+    from prunetune.recover.full import KEPT_BUFFER, MaskEnforcer, setup_full
 
     pristine = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
     def fresh():
         model.load_state_dict(pristine)  # the plain cases revive pruned weights; every case starts pruned
         for module in model.modules():
-            for name in (PRUNED_BUFFER, KEPT_BUFFER):
-                module._buffers.pop(name, None)
+            module._buffers.pop(KEPT_BUFFER, None)
         model.requires_grad_(True)
 
     def plain():

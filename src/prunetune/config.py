@@ -165,7 +165,3 @@ def _build(cls: type[T], data: dict, where: str) -> T:
         missing = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING and f.name not in data]
         raise UsageError(f"{where}: missing required key(s) {', '.join(missing)}.") from err
-
-
-def to_mapping(obj) -> dict:
-    return dataclasses.asdict(obj)

@@ -1,4 +1,4 @@
-"""Merge a recovery adapter into its pruned model, verify the sparsity, save with a manifest.
+"""Merge a recovery adapter into its pruned model, report the sparsity, save with a manifest.
 
 Merging is done one adapted layer at a time: its kept mask (the base weight's nonzeros) is
 taken just before that layer merges and dropped right after, so verifying positions -- not
@@ -135,12 +135,10 @@ def tuner_layers_of(model: nn.Module) -> dict[str, nn.Module]:
 
 def _untouched_zeros(peft_model: nn.Module, adapted: dict[str, nn.Module]) -> tuple[int, int]:
     """Zeros and size of the prunable layers that carry no adapter."""
-    zeros = total = 0
-    for name, module in prunable_weights(peft_model.get_base_model()).items():
-        if name not in adapted:
-            zeros += int((module.weight == 0).sum())
-            total += module.weight.numel()
-    return zeros, total
+    from prunetune.recover.base import zero_counts
+
+    untouched = {name: m for name, m in prunable_weights(peft_model.get_base_model()).items() if name not in adapted}
+    return sum(zero_counts(untouched)), sum(m.weight.numel() for m in untouched.values())
 
 
 @torch.no_grad()
@@ -188,12 +186,6 @@ def merge_adapter(peft_model: nn.Module, method: str, remask: bool = False) -> t
     logger.info("merged %s adapter into %d layers: sparsity %.4f -> %.4f", method, len(adapted),
                 report.sparsity_before, report.sparsity_after)
     return model, report
-
-
-def verify_sparsity(model: nn.Module, reference: dict[str, float]) -> dict[str, tuple[float, float]]:
-    """Layers whose sparsity differs from ``reference`` (qualified name -> sparsity): name -> (expected, found)."""
-    found = measure_sparsity(model).per_module()
-    return {name: (value, found.get(name, float("nan"))) for name, value in reference.items() if found.get(name) != value}
 
 
 def save_merged(model: nn.Module, tokenizer, path: str | Path, manifest: dict, overwrite: bool = False) -> Path:

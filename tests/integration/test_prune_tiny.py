@@ -6,12 +6,11 @@ import torch
 from prunetune.loading import TINY_PATH, LoadOptions, load_model, load_tokenizer
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-pytestmark = pytest.mark.skipif(
-    not (TINY_PATH / "model.safetensors").exists(),
-    reason=f"the bundled tiny model is not trained yet ({TINY_PATH / 'model.safetensors'} missing)",
-)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not (TINY_PATH / "model.safetensors").exists(),
+                       reason=f"the bundled tiny model is not trained yet ({TINY_PATH / 'model.safetensors'} missing)"),
+]
 
 SEQLEN = 128
 WINDOWS = 24  # evaluation windows of SEQLEN tokens: enough to separate the methods, quick on CPU

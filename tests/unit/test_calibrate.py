@@ -77,9 +77,9 @@ def test_layers_reading_one_input_share_a_statistic(arch, groups):
     block = find_decoder_blocks(model)[0]
     inputs = capture_inputs(model, [block], random_tokens(4, 8), CalibrationOptions(batch_size=2))
     stats = LayerStatistics(block.linears, SquaredNorms, early_stop=True)
-    from prunetune.calibrate import _ExtrasCache
+    from prunetune.calibrate import ExtrasCache
 
-    stats.run(block.module, inputs, torch.device("cpu"), _ExtrasCache(torch.device("cpu")))
+    stats.run(block.module, inputs, torch.device("cpu"), ExtrasCache(torch.device("cpu")))
     stats.remove()
     assert [names for names, _ in stats.groups] == groups
     assert all(statistic.rows == 4 * 8 for _, statistic in stats.groups)
@@ -137,7 +137,7 @@ def test_true_sequential_wanda_equals_layer_by_layer_reference(arch):
 
 
 def test_true_sequential_groups_and_one_sparsegpt_factor_per_input(monkeypatch):
-    from prunetune.calibrate import SequentialPruning, _ExtrasCache, probe_groups
+    from prunetune.calibrate import ExtrasCache, SequentialPruning, probe_groups
     from prunetune.pruning import sparsegpt
 
     calls = []
@@ -149,14 +149,14 @@ def test_true_sequential_groups_and_one_sparsegpt_factor_per_input(monkeypatch):
     cpu = torch.device("cpu")
     expected = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                 ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
-    assert probe_groups(block.module, block.linears, inputs, cpu, _ExtrasCache(cpu)) == expected
+    assert probe_groups(block.module, block.linears, inputs, cpu, ExtrasCache(cpu)) == expected
     pruner = sparsegpt.SparseGPTPruner(0.5)
     solved = []
     real_choose = pruner.choose
     pruner.choose = lambda weights, *a: solved.append(len(weights)) or real_choose(weights, *a)
     hooks = SequentialPruning(block.linears, pruner, expected)
     with torch.no_grad():
-        hooks.run(block.module, inputs, cpu, _ExtrasCache(cpu))
+        hooks.run(block.module, inputs, cpu, ExtrasCache(cpu))
     hooks.remove()
     assert hooks.groups == expected and solved == [3, 1, 2, 1]  # q/k/v and gate/up solved stacked
     assert [s.rows for s in hooks.statistics] == [5 * 8] * 4
@@ -190,7 +190,7 @@ def test_true_sequential_batch_split_does_not_change_the_result(method, device):
 
 
 def test_true_sequential_refuses_a_group_whose_layers_read_different_inputs():
-    from prunetune.calibrate import SequentialPruning, _ExtrasCache
+    from prunetune.calibrate import ExtrasCache, SequentialPruning
     from prunetune.pruning.wanda import WandaPruner
 
     model = make_model("llama")
@@ -198,7 +198,7 @@ def test_true_sequential_refuses_a_group_whose_layers_read_different_inputs():
     inputs = capture_inputs(model, [block], random_tokens(4, 8), CalibrationOptions(batch_size=2))
     hooks = SequentialPruning(block.linears, WandaPruner(0.5), [["self_attn.q_proj", "self_attn.o_proj"]])
     with pytest.raises(RuntimeError, match="self_attn.o_proj.*reads another tensor"), torch.no_grad():
-        hooks.run(block.module, inputs, torch.device("cpu"), _ExtrasCache(torch.device("cpu")))
+        hooks.run(block.module, inputs, torch.device("cpu"), ExtrasCache(torch.device("cpu")))
     hooks.remove()
 
 

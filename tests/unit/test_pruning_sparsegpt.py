@@ -17,6 +17,7 @@ def reference_sparsegpt(weight, inputs, ratio, n=0, m=0, blocksize=128, percdamp
     H = X.t() @ X / X.shape[0]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
+    W[:, dead] = 0
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     columns = W.shape[1]

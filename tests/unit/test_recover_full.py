@@ -7,7 +7,7 @@ from test_masked_lora import pruned_model
 
 from prunetune.errors import UsageError
 from prunetune.masks import MaskSet, measure_sparsity
-from prunetune.recover.full import MASKS_NAME, MaskEnforcer, kept_mask, masks_for_run
+from prunetune.recover.full import KEPT_BUFFER, MASKS_NAME, MaskEnforcer, kept_mask, masks_for_run, zero_pruned_
 
 
 def train_steps(model, optimizer, steps=3, accumulation=2, clip=1.0):
@@ -89,6 +89,23 @@ def test_violations_are_reported_and_masks_are_not_re_derived():
     assert enforcer.mask_set().masks[next(iter(enforcer.layers))][tuple(kept)]
 
 
+@pytest.mark.parametrize("encoding", ["weight dtype (CPU)", "bool (CUDA)"])
+def test_the_stored_mask_is_a_kept_mask_in_either_encoding(encoding):
+    model = pruned_model()
+    masks = MaskSet.from_zeros(model)
+    enforcer = MaskEnforcer(model, masks)
+    name, layer = next(iter(enforcer.layers.items()))
+    assert layer.prunetune_kept_mask.dtype == layer.weight.dtype  # on CPU: 1 = kept, multiplied
+    if encoding == "bool (CUDA)":  # the CUDA encoding, exercised here on CPU
+        layer._buffers[KEPT_BUFFER] = layer.prunetune_kept_mask.bool()
+    assert torch.equal(kept_mask(layer), masks.masks[name])  # True = kept
+    grad = torch.randn_like(layer.weight)
+    expected = torch.where(masks.masks[name], grad, torch.zeros(()))
+    zero_pruned_(layer, grad)
+    assert torch.equal(grad, expected)
+    assert enforcer.violations() == {}
+
+
 def test_resume_masks_must_match_the_model(tmp_path):
     model = pruned_model()
     MaskSet.from_zeros(model).save(tmp_path / MASKS_NAME)
@@ -103,7 +120,7 @@ def test_cuda_masks_hold_under_fused_adamw_and_autocast():
     model = pruned_model().cuda().train()
     masks = MaskSet.from_zeros(model)
     enforcer = MaskEnforcer(model, masks).attach()
-    assert isinstance(next(iter(enforcer.layers.values())).prunetune_pruned_mask, torch.Tensor)
+    assert next(iter(enforcer.layers.values())).prunetune_kept_mask.dtype == torch.bool  # applied with torch.where
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
     for step in range(3):
         tokens = random_tokens(2, 16, seed=step).cuda()

@@ -15,7 +15,6 @@ pruned, and zeroing the pruned weights.
 
 from __future__ import annotations
 
-import contextlib
 from typing import ClassVar
 
 import torch
@@ -81,60 +80,39 @@ class Hessian(Statistic):
         super().__init__(in_features, device)
         self.matrix = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.chunk_rows = chunk_rows
+        self.half_gram: bool | None = None  # does mm(..., out_dtype=float32) run here? (learned on first use)
 
     def update(self, inputs: torch.Tensor) -> None:
         flat = inputs.reshape(-1, self.in_features).to(self.device)  # (tokens, in)
         self.rows += flat.shape[0]
-        if _half_gram_into(self.matrix, flat):
-            return
-        with _exact_tf32(flat):
-            for start in range(0, flat.shape[0], self.chunk_rows):
-                chunk = flat[start : start + self.chunk_rows].float()
-                self.matrix.addmm_(chunk.t(), chunk)
+        if self.half_gram is not False and flat.device.type == "cuda" and flat.dtype in (torch.float16, torch.bfloat16):
+            self.half_gram = _half_gram_into(self.matrix, flat)
+            if self.half_gram:
+                return
+        # No TF32 toggle here: torch.set_float32_matmul_precision is process-wide, so the fp32
+        # fallback runs at whatever precision the caller chose (exact for fp16/bf16 inputs either way).
+        for start in range(0, flat.shape[0], self.chunk_rows):
+            chunk = flat[start : start + self.chunk_rows].float()
+            self.matrix.addmm_(chunk.t(), chunk)
 
     def _finalize(self) -> None:
         if self.rows:
             self.matrix /= self.rows
 
 
-_HALF_GRAM = {"works": None}  # does torch.mm(..., out_dtype=float32) run here? (learned once)
-
-
 def _half_gram_into(matrix: torch.Tensor, flat: torch.Tensor) -> bool:
-    """``matrix += flat^T flat`` straight from fp16/bf16 on CUDA, accumulated and returned in fp32.
+    """``matrix += flat^T flat`` straight from fp16/bf16 (CUDA), accumulated and returned in fp32.
 
     Half-precision products are exact in fp32, so this equals the fp32 GEMM (up to
-    summation order) at twice the TF32 rate and without an fp32 copy of the inputs.
-    Returns False where the op is unavailable (CPU, older torch): the caller falls back.
+    summation order) at tensor-core speed, without an fp32 copy of the inputs and without
+    touching any process-wide matmul setting. Returns False where the op is unavailable
+    (older torch, some GPUs): the caller falls back to an fp32 GEMM.
     """
-    if flat.device.type != "cuda" or flat.dtype not in (torch.float16, torch.bfloat16) or _HALF_GRAM["works"] is False:
-        return False
     try:
         matrix += torch.mm(flat.t(), flat, out_dtype=torch.float32)
     except (TypeError, RuntimeError, NotImplementedError):
-        _HALF_GRAM["works"] = False
         return False
-    _HALF_GRAM["works"] = True
     return True
-
-
-@contextlib.contextmanager
-def _exact_tf32(inputs: torch.Tensor):
-    """Allow TF32 matmuls for half-precision inputs on CUDA, where they are exact.
-
-    fp16 and bf16 values have at most 10 mantissa bits, so TF32 (10 bits, fp32 exponent)
-    holds them exactly, their products fit in fp32, and accumulation is fp32: the result
-    equals an fp32 GEMM up to summation order, at tensor-core speed.
-    """
-    if inputs.device.type != "cuda" or inputs.dtype not in (torch.float16, torch.bfloat16):
-        yield
-        return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 class Pruner:
@@ -208,7 +186,3 @@ class Pruner:
             kept &= ~zero  # a model's existing zeros stay pruned
             weight.masked_fill_(~kept, 0)
         return kept_masks
-
-    def describe(self) -> dict:
-        return {"method": self.name, "sparsity_ratio": self.ratio, "sparsity_type": str(self.structure),
-                "use_variant": self.use_variant}

@@ -4,7 +4,9 @@ arXiv:2301.00774).
 For a layer with weights W (out, in) and calibration inputs X, SparseGPT minimises
 ``||W X - W' X||`` over pruned W'. With the damped Hessian ``H = X^T X / n + lambda I``
 (lambda = percdamp * mean(diag H)) and ``U``, the upper Cholesky factor of ``H^-1``
-(``H^-1 = U^T U``), columns are visited left to right in blocks of ``blocksize``:
+(``H^-1 = U^T U``), columns are visited left to right in blocks of ``blocksize``. As in the
+reference code, a "dead" input (always zero in the calibration data: ``H_jj = 0``) gets
+``H_jj = 1`` and its weights ``W[:, j] = 0``.
 
 * the mask of a block is chosen from ``w^2 / U_jj^2`` (unstructured: the lowest
   ``floor(ratio * rows * block)`` of the block, per layer; N:M: the N lowest of every M
@@ -66,9 +68,13 @@ class SparseGPTPruner(Pruner):
         sizes = [w.shape[0] for w in weights]
         factor = statistic.derived.get("sparsegpt_factor")
         if factor is None:  # once per shared input, even when its layers are pruned one by one
+            statistic.derived["sparsegpt_dead"] = statistic.matrix.diagonal() == 0  # (in,) inputs always zero
             factor = inverse_hessian_factor(statistic.matrix, self.percdamp, in_place=True)
             statistic.matrix = None  # consumed: damped in place
             statistic.derived["sparsegpt_factor"] = factor
+        # as the reference: a weight on an input that is always zero does nothing, so it is zeroed
+        # (its score is then 0: pruned first, and it moves no error onto the other columns)
+        stacked.masked_fill_(statistic.derived["sparsegpt_dead"], 0)  # broadcast over rows; no host sync
         pruned = obs_prune_(stacked, factor, self.ratio, self.structure, sizes, zero_mask,
                             self.blocksize, self.solve_block)
         kept = []

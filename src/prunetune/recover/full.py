@@ -3,13 +3,19 @@
 The masks are taken once -- from the pruned model's zeros at the start of a run, or from the
 checkpoint's ``masks.safetensors`` on resume -- and never re-derived from ``W == 0`` (a kept
 weight that passes through zero stays trainable). Each lives on its layer as a
-non-persistent buffer, so it follows ``model.to`` and never enters the saved weights. Its
-encoding is chosen for the fastest in-place kernel of the device (measured):
+non-persistent buffer, ``prunetune_kept_mask`` (True / 1 where the weight stays, as in
+masked LoRA), so it follows ``model.to`` and never enters the saved weights. Its encoding is
+:func:`prunetune.recover.base.device_mask`'s, chosen for the fastest in-place kernel:
 
-* CUDA: ``prunetune_pruned_mask``, bool, True where pruned, applied with ``masked_fill_``
-  (2.6 TB/s on an H100 against 2.1 TB/s for ``mul_`` by a bool or float mask);
-* CPU: ``prunetune_kept_scale``, the weight's dtype, 1 where kept, applied with ``mul_``
-  (CPU ``masked_fill_`` is ~40x slower than a same-dtype multiply).
+* CPU: the weight's dtype, applied with ``mul_`` (measured on CPU, 2048 x 2048, one thread:
+  3.4 ms for fp32 and 3.3 ms for bf16, against 18-22 ms for ``mul_`` by a bool mask and
+  43-49 ms for ``masked_fill_`` or ``torch.where``);
+* CUDA: bool, applied with ``torch.where(kept, x, 0, out=x)``. Measured before on an H100,
+  ``masked_fill_`` by a pruned mask ran at 2.6 TB/s against 2.1 TB/s for ``mul_`` by a bool
+  or float mask; ``where`` moves the same bytes as ``masked_fill_`` (read mask and tensor,
+  write tensor) with the kept mask itself, whereas ``masked_fill_(~kept, 0)`` would allocate
+  and write a negated mask at every call. (``where`` on CUDA is not measured yet:
+  ``benchmarks/recover_bench.py`` on the next GPU run.)
 
 Two mechanisms:
 
@@ -42,13 +48,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from prunetune.errors import UsageError
 from prunetune.masks import MaskSet
 from prunetune.recover.args import RecoveryArguments
-from prunetune.recover.base import Setup, zero_fraction
+from prunetune.recover.base import Setup, device_mask, zero_fraction
 
 logger = logging.getLogger(__name__)
 
 MASKS_NAME = "masks.safetensors"
-PRUNED_BUFFER = "prunetune_pruned_mask"  # CUDA: bool, True = pruned
-KEPT_BUFFER = "prunetune_kept_scale"  # CPU: weight dtype, 1 = kept
+KEPT_BUFFER = "prunetune_kept_mask"  # True / 1 = kept; bool on CUDA, the weight's dtype on CPU (device_mask)
 # Optimizers whose update is exactly zero where gradient, moment state and weight are zero.
 ZERO_PRESERVING = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
@@ -59,30 +64,24 @@ def _storage(module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _register_mask(module: nn.Module, kept: torch.Tensor) -> None:
-    weight = module.weight
-    for name in (PRUNED_BUFFER, KEPT_BUFFER):
-        module._buffers.pop(name, None)
-    kept = kept.to(weight.device)
-    if weight.is_cuda:
-        module.register_buffer(PRUNED_BUFFER, ~kept, persistent=False)
-    else:
-        module.register_buffer(KEPT_BUFFER, kept.to(weight.dtype), persistent=False)
+    module._buffers.pop(KEPT_BUFFER, None)
+    module.register_buffer(KEPT_BUFFER, device_mask(kept, module.weight), persistent=False)
 
 
 @torch.no_grad()
 def zero_pruned_(module: nn.Module, tensor: torch.Tensor) -> None:
     """Zero, in place, the entries of ``tensor`` (weight-shaped) that are pruned in ``module``."""
-    pruned = module._buffers.get(PRUNED_BUFFER)
-    if pruned is not None:
-        tensor.masked_fill_(pruned, 0)
+    kept = module._buffers[KEPT_BUFFER]
+    if kept.dtype == torch.bool:  # CUDA (see the module docstring)
+        torch.where(kept, tensor, torch.zeros((), dtype=tensor.dtype), out=tensor)
     else:
-        tensor.mul_(module._buffers[KEPT_BUFFER])
+        tensor.mul_(kept)
 
 
 def kept_mask(module: nn.Module) -> torch.Tensor:
     """The module's kept mask as bool, in its weight layout."""
-    pruned = module._buffers.get(PRUNED_BUFFER)
-    return ~pruned if pruned is not None else module._buffers[KEPT_BUFFER] != 0
+    kept = module._buffers[KEPT_BUFFER]
+    return kept if kept.dtype == torch.bool else kept != 0
 
 
 def _mask_gradient(weight: torch.Tensor, module: nn.Module) -> None:
@@ -133,7 +132,7 @@ class MaskEnforcer:
         if not self.layers:
             return {}
         counts = torch.stack([
-            module.weight.ne(0).logical_and_(kept_mask(module).logical_not_()).sum() for module in self.layers.values()
+            module.weight.ne(0).logical_and_(kept_mask(module).logical_not()).sum() for module in self.layers.values()
         ]).cpu()  # one host sync
         return {name: int(c) for name, c in zip(self.layers, counts) if c}
 

@@ -1,8 +1,9 @@
 """Train the bundled tiny model ("tiny"): a byte-level BPE tokenizer and a small Llama.
 
-Run from the repository root::
+A maintainer script, not part of the installed package. Run from the repository root, with
+prunetune installed (``pip install -e .``)::
 
-    PYTHONPATH=src python -m prunetune.tiny.train --out src/prunetune/tiny
+    python tools/train_tiny.py --out src/prunetune/tiny
 
 Everything is seeded and runs on CPU in well under half an hour on two cores. The script
 
@@ -11,23 +12,29 @@ Everything is seeded and runs on CPU in well under half an hour on two cores. Th
 2. trains a small ``LlamaForCausalLM`` (RMSNorm, RoPE, grouped-query attention, tied
    embeddings) on random ``seqlen`` windows of the tokenized train stream, with AdamW,
    linear warmup and cosine decay;
-3. measures perplexity on the validation and test splits (non-overlapping windows), the
-   perplexity of an add-one unigram model with the same tokenizer, and the test perplexity
-   after zeroing the 50% smallest-magnitude weights of every decoder linear layer;
-4. writes ``model.safetensors``, ``config.json``, the tokenizer files, ``MODEL_CARD.md`` and
-   ``train_log.json`` into ``--out``.
-
-The evaluation helpers (:func:`window_perplexity`, :func:`unigram_perplexity`,
-:func:`magnitude_prune_decoder_`) are importable so tests can recompute the numbers.
+3. measures perplexity on the validation and test splits with the library's evaluator
+   (:func:`prunetune.evaluate.perplexity`: non-overlapping windows), the perplexity of an
+   add-one unigram model with the same tokenizer, and the test perplexity after the library's
+   magnitude pruner removes 50% of every decoder linear layer;
+4. writes ``model.safetensors``, ``config.json``, the tokenizer files, ``MODEL_CARD.md`` (from
+   ``tiny_model_card.py``, next to this script) and ``train_log.json`` into ``--out``.
 """
 
 from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":
+    # On a small shared CPU, OpenMP threads that spin while they wait lose most of their time to
+    # other processes' threads: on 2 busy cores a step took 4x longer with the default (spinning)
+    # policy than with passive waiting. The policy is read when torch loads its OpenMP runtime,
+    # so it is set before torch is imported; an explicit OMP_WAIT_POLICY is respected.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import copy
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -68,6 +75,7 @@ WEIGHT_DECAY = 0.1
 GRAD_CLIP = 1.0
 LOG_EVERY = 10
 EVAL_SEQLEN = 256
+EVAL_BATCH_SIZE = 8
 PRUNE_SPARSITY = 0.5
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
@@ -88,7 +96,14 @@ ARTIFACTS = (
 
 def train_tokenizer(texts, vocab_size: int = VOCAB_SIZE):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts``; adds ``<s>`` first."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=UNK))
@@ -202,162 +217,27 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 # --------------------------------------------------------------------------- evaluation
 
 
-def eval_windows(stream: torch.Tensor, seqlen: int = EVAL_SEQLEN, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping ``seqlen`` windows of a (1, N) stream, shape (n, seqlen); remainder dropped."""
-    flat = stream.reshape(-1)
-    n = flat.numel() // seqlen
-    if max_windows is not None:
-        n = min(n, max_windows)
-    return flat[: n * seqlen].view(n, seqlen)
+def unigram_perplexity(train_stream: torch.Tensor, stream: torch.Tensor, seqlen: int, vocab_size: int) -> float:
+    """Add-one-smoothed unigram model from ``train_stream``, scored on the tokens the LM predicts.
 
-
-@torch.no_grad()
-def window_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) over every predicted token of every window."""
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size]
-        logits = model(input_ids=batch).logits[:, :-1, :].float()
-        targets = batch[:, 1:]
-        nll = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        )
-        total_nll += nll.item()
-        total_tokens += targets.numel()
-    return math.exp(total_nll / total_tokens)
-
-
-def unigram_perplexity(train_stream: torch.Tensor, windows: torch.Tensor, vocab_size: int) -> float:
-    """Add-one-smoothed unigram model from ``train_stream``, scored on the tokens the LM predicts."""
+    Those are tokens 1..seqlen-1 of each non-overlapping ``seqlen`` window of ``stream`` (1, N),
+    the remainder dropped: the windows :func:`prunetune.evaluate.perplexity` scores.
+    """
     counts = torch.bincount(train_stream.reshape(-1), minlength=vocab_size).double() + 1.0
     log_probs = counts.log() - counts.sum().log()
+    flat = stream.reshape(-1)
+    windows = flat[: flat.numel() // seqlen * seqlen].view(-1, seqlen)  # (n, seqlen)
     targets = windows[:, 1:].reshape(-1)
     return math.exp(-log_probs[targets].mean().item())
 
 
-def decoder_linears(model: nn.Module):
-    """(name, module) for every ``nn.Linear`` inside the decoder layers (not lm_head)."""
-    layers = model.model.layers
-    for index, layer in enumerate(layers):
-        for name, module in layer.named_modules():
-            if isinstance(module, nn.Linear):
-                yield f"model.layers.{index}.{name}", module
+def magnitude_pruned(model: nn.Module, sparsity: float = PRUNE_SPARSITY) -> nn.Module:
+    """A copy of ``model`` with the library's magnitude pruner applied to every decoder linear layer."""
+    from prunetune.pruning import PruneConfig, prune
 
-
-@torch.no_grad()
-def magnitude_prune_decoder_(model: nn.Module, sparsity: float = PRUNE_SPARSITY) -> nn.Module:
-    """Zero the ``sparsity`` fraction of smallest-|w| weights of each decoder linear, in place."""
-    for _, module in decoder_linears(model):
-        weight = module.weight
-        k = int(weight.numel() * sparsity)
-        if k == 0:
-            continue
-        threshold = weight.abs().flatten().kthvalue(k).values
-        weight.masked_fill_(weight.abs() <= threshold, 0.0)
-    return model
-
-
-# --------------------------------------------------------------------------- card
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.3f}" if x < 1000 else f"{x:.1f}"
-
-
-def write_model_card(out: Path, log: dict) -> None:
-    cfg, tr, ev, fp = log["config"], log["training"], log["evaluation"], log["corpus"]
-    steps = str(tr["steps_done"])
-    if tr["steps_done"] != tr["max_steps"]:
-        steps += (
-            f" (of {tr['max_steps']} asked: the time limit shortened the schedule, re-annealing "
-            f"from the current learning rate, at step(s) {[a for a, _ in tr['schedule_shortened_by_time_limit']]})"
-        )
-    text = f"""# prunetune tiny model
-
-A small Llama-architecture causal language model bundled with prunetune so that every
-command, test and tutorial can run offline on a CPU (`--model tiny`). It was trained from
-scratch on the `builtin` corpus: the Python standard-library sources of the interpreter
-(tests and site-packages excluded, split by a hash of each file's path). It writes
-Python-looking code and nothing else; it is a test fixture, not a useful language model.
-
-## Architecture
-
-| | |
-|---|---|
-| model type | `llama` (`LlamaForCausalLM`): RMSNorm, RoPE, SwiGLU MLP |
-| hidden size | {cfg['hidden_size']} |
-| layers | {cfg['num_hidden_layers']} |
-| attention heads | {cfg['num_attention_heads']} (head dim {cfg['hidden_size'] // cfg['num_attention_heads']}) |
-| key/value heads | {cfg['num_key_value_heads']} (grouped-query attention) |
-| intermediate size | {cfg['intermediate_size']} |
-| vocabulary | {cfg['vocab_size']} (byte-level BPE trained on the builtin train split) |
-| max positions | {cfg['max_position_embeddings']} |
-| tied embeddings | {cfg['tie_word_embeddings']} |
-| parameters | {log['parameters']:,} ({log['decoder_linear_parameters']:,} in decoder linear layers) |
-| weights dtype | {log['dtype']} |
-
-Every linear layer's `in_features` is a multiple of 8, so 2:4 and 4:8 semi-structured pruning
-applies to all of them. Tokenizer: special tokens `<s>` (bos, id {log['tokenizer']['bos_token_id']}),
-`</s>` (eos, id {log['tokenizer']['eos_token_id']}, also pad), `<unk>`; `<s>` is prepended to every text.
-
-## Training
-
-Command (run from the repository root):
-
-```
-{tr['command']}
-```
-
-| | |
-|---|---|
-| steps | {steps} |
-| batch size | {tr['batch_size']} windows |
-| sequence length | {tr['seqlen']} |
-| tokens seen | {tr['tokens_seen']:,} |
-| train stream | {tr['train_tokens']:,} tokens |
-| optimizer | AdamW (betas 0.9/0.95, weight decay {WEIGHT_DECAY} on matrices), grad clip {GRAD_CLIP} |
-| learning rate | {tr['lr']} peak, {int(WARMUP_FRACTION * 100)}% linear warmup, cosine decay to {MIN_LR_FRACTION} x peak |
-| seed | {tr['seed']} |
-| threads | {tr['threads']} |
-| final train loss | {tr['final_loss']:.4f} (mean of the last {LOG_EVERY} steps) |
-| training time | {tr['train_seconds']:.0f} s |
-| total wall time | {tr['wall_seconds']:.0f} s (tokenizer, training, evaluation, saving) |
-| machine | {tr['machine']} |
-| CPU load while training | {tr['mean_load_average']} (mean 1-minute load average during training; above the core count means other jobs shared the CPU) |
-| Python version | {fp['python_version']} |
-| torch / transformers / tokenizers | {tr['versions']} |
-
-The builtin corpus is whatever standard library the running Python ships, so its contents (and
-these fingerprints) depend on the Python version:
-
-| split | documents | tokens | fingerprint |
-|---|---|---|---|
-| train | {fp['train']['documents']} | {fp['train']['tokens']:,} | `{fp['train']['fingerprint']}` |
-| validation | {fp['validation']['documents']} | {fp['validation']['tokens']:,} | `{fp['validation']['fingerprint']}` |
-| test | {fp['test']['documents']} | {fp['test']['tokens']:,} | `{fp['test']['fingerprint']}` |
-
-Train corpus fingerprint: `{fp['train']['fingerprint']}`
-
-## Evaluation
-
-Perplexity = exp(mean next-token NLL) over non-overlapping windows of {ev['seqlen']} tokens of the
-joined split stream (`prunetune.data.tokenize_stream`), remainder dropped.
-
-| | perplexity |
-|---|---|
-| validation | {_fmt(ev['validation_ppl'])} ({ev['validation_windows']} windows) |
-| test | {_fmt(ev['test_ppl'])} ({ev['test_windows']} windows) |
-| unigram baseline (test) | {_fmt(ev['unigram_test_ppl'])} |
-| test, 50% magnitude-pruned | {_fmt(ev['pruned50_test_ppl'])} |
-
-The unigram baseline uses the same tokenizer: token frequencies of the train stream with add-one
-smoothing, scored on the same test tokens the model predicts. The pruned row zeroes, separately
-in each `nn.Linear` of the decoder layers, the {int(PRUNE_SPARSITY * 100)}% smallest-magnitude
-weights (no calibration, no recovery; embeddings and norms untouched) -- a reference point for
-the pruning methods prunetune implements.
-"""
-    (out / "MODEL_CARD.md").write_text(text, encoding="utf-8")
+    pruned = copy.deepcopy(model)
+    prune(pruned, None, PruneConfig(method="magnitude", sparsity_ratio=sparsity))
+    return pruned
 
 
 # --------------------------------------------------------------------------- main
@@ -365,7 +245,7 @@ the pruning methods prunetune implements.
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m prunetune.tiny.train",
+        prog="python tools/train_tiny.py",
         description="Train the bundled tiny Llama model and its tokenizer on the builtin corpus.",
     )
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: %(default)s)")
@@ -396,7 +276,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _command(args: argparse.Namespace) -> str:
     return (
-        f"PYTHONPATH=src python -m prunetune.tiny.train --out {args.out} --max_steps {args.max_steps} "
+        f"python tools/train_tiny.py --out {args.out} --max_steps {args.max_steps} "
         f"--batch_size {args.batch_size} --seqlen {args.seqlen} --lr {args.lr} --seed {args.seed} "
         f"--threads {args.threads}"
         + (f" --vocab_size {args.vocab_size}" if args.vocab_size != VOCAB_SIZE else "")
@@ -433,6 +313,8 @@ def main(argv=None) -> int:
     from transformers import LlamaForCausalLM
 
     from prunetune.data import load_documents, tokenize_stream
+    from prunetune.evaluate import perplexity
+    from prunetune.modules import prunable_layers
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -442,8 +324,9 @@ def main(argv=None) -> int:
 
     # ---- data and tokenizer
     docs = {split: load_documents("builtin", split) for split in ("train", "validation", "test")}
-    say("corpus: " + ", ".join(f"{s} {len(d.texts)} docs {d.fingerprint}" for s, d in docs.items()))
-    tokenizer = train_tokenizer(docs["train"].texts, args.vocab_size)
+    texts = {split: list(d.rows["text"]) for split, d in docs.items()}
+    say("corpus: " + ", ".join(f"{s} {len(texts[s])} docs {d.fingerprint}" for s, d in docs.items()))
+    tokenizer = train_tokenizer(texts["train"], args.vocab_size)
     tokenizer.name_or_path = str(out)
     streams = {split: tokenize_stream(tokenizer, d) for split, d in docs.items()}
     say("tokenizer: vocab %d; tokens %s" % (len(tokenizer), {s: t.shape[1] for s, t in streams.items()}))
@@ -457,7 +340,7 @@ def main(argv=None) -> int:
     model = LlamaForCausalLM(config)
     model.to(torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
-    n_linear = sum(m.weight.numel() for _, m in decoder_linears(model))
+    n_linear = sum(m.weight.numel() for m in prunable_layers(model).values())
     say(f"model: {n_params:,} parameters ({n_linear:,} in decoder linears)")
 
     # ---- training
@@ -514,12 +397,12 @@ def main(argv=None) -> int:
     model.eval()
 
     # ---- evaluation
-    windows = {s: eval_windows(streams[s], EVAL_SEQLEN) for s in ("validation", "test")}
-    val_ppl = window_perplexity(model, windows["validation"])
-    test_ppl = window_perplexity(model, windows["test"])
-    uni_ppl = unigram_perplexity(train_stream, windows["test"], len(tokenizer))
-    pruned = magnitude_prune_decoder_(copy.deepcopy(model), PRUNE_SPARSITY)
-    pruned_ppl = window_perplexity(pruned, windows["test"])
+    validation = perplexity(model, streams["validation"], EVAL_SEQLEN, batch_size=EVAL_BATCH_SIZE)
+    test = perplexity(model, streams["test"], EVAL_SEQLEN, batch_size=EVAL_BATCH_SIZE)
+    val_ppl, test_ppl = validation.perplexity, test.perplexity
+    uni_ppl = unigram_perplexity(train_stream, streams["test"], EVAL_SEQLEN, len(tokenizer))
+    pruned = magnitude_pruned(model, PRUNE_SPARSITY)
+    pruned_ppl = perplexity(pruned, streams["test"], EVAL_SEQLEN, batch_size=EVAL_BATCH_SIZE).perplexity
     del pruned
     say(f"ppl: validation {val_ppl:.3f} test {test_ppl:.3f} unigram {uni_ppl:.1f} pruned50 {pruned_ppl:.3f}")
 
@@ -577,18 +460,19 @@ def main(argv=None) -> int:
             "source": "builtin",
             "python_version": platform.python_version(),
             **{
-                s: {"documents": len(d.texts), "tokens": int(streams[s].shape[1]), "fingerprint": d.fingerprint}
+                s: {"documents": len(texts[s]), "tokens": int(streams[s].shape[1]), "fingerprint": d.fingerprint}
                 for s, d in docs.items()
             },
         },
         "evaluation": {
             "seqlen": EVAL_SEQLEN,
-            "validation_windows": int(windows["validation"].shape[0]),
-            "test_windows": int(windows["test"].shape[0]),
+            "validation_windows": validation.windows,
+            "test_windows": test.windows,
             "validation_ppl": val_ppl,
             "test_ppl": test_ppl,
             "unigram_test_ppl": uni_ppl,
             "pruned50_test_ppl": pruned_ppl,
+            "pruned_sparsity": PRUNE_SPARSITY,
             "pruned50_ratio": pruned_ppl / test_ppl,
             "unigram_ratio": uni_ppl / test_ppl,
         },
@@ -596,6 +480,8 @@ def main(argv=None) -> int:
         "losses": losses,
     }
     log["training"]["wall_seconds"] = round(time.perf_counter() - wall_start, 1)
+    from tiny_model_card import write_model_card  # tools/, next to this script
+
     write_model_card(out, log)
     (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
     sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.suffix != ".py"}
@@ -603,21 +489,5 @@ def main(argv=None) -> int:
     return 0
 
 
-def _reexec_with_passive_omp() -> None:
-    """Run this command again, once, with ``OMP_WAIT_POLICY=PASSIVE``.
-
-    On a small shared CPU, OpenMP threads that spin while they wait lose most of their time to
-    other processes' threads: on 2 busy cores a step took 4x longer with the default (spinning)
-    policy than with passive waiting. The policy is read when torch loads its OpenMP runtime,
-    which ``prunetune/__init__`` has already done by now, hence the re-exec. An explicit
-    ``OMP_WAIT_POLICY`` in the environment is respected.
-    """
-    if os.environ.get("OMP_WAIT_POLICY"):
-        return
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-
-
 if __name__ == "__main__":
-    _reexec_with_passive_omp()
     sys.exit(main())
