@@ -2,7 +2,6 @@
 the fused forward keeps a small update in bf16 and saves no weight-sized tensor for backward."""
 
 import copy
-import warnings
 from collections import OrderedDict
 
 import pytest
@@ -18,13 +17,12 @@ from prunetune.masks import measure_sparsity
 from prunetune.modules import prunable_layers, weight_matrix
 from prunetune.recover.args import RecoveryArguments
 from prunetune.recover.lora import build_lora_config, resolve_targets
-from prunetune.recover.masked_lora import (
+from prunetune.recover.masked_linear import (
     FusedPlan,
     MaskedLinearFunction,
-    MaskedLoraConfig,
-    MaskedLoraLinear,
     round_stochastically,
 )
+from prunetune.recover.masked_lora import MaskedLoraConfig, MaskedLoraLinear
 
 
 def pruned_model(arch="llama", seed=0):
@@ -279,11 +277,7 @@ def test_adapter_round_trip(method, tmp_path):
     peft_model.save_pretrained(tmp_path)
     if method == "lora":  # plain PEFT loads it as is
         loaded = PeftModel.from_pretrained(pruned_model(), tmp_path)
-    else:  # plain PEFT ignores the variant field, with a warning; prunetune's loader restores it
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            PeftModel.from_pretrained(pruned_model(), tmp_path)
-        assert any("use_masked_lora" in str(w.message) for w in caught)
+    else:  # plain PEFT refuses it (tests/unit/test_adapter_format.py); PEFT with prunetune's config restores it
         loaded = PeftModel.from_pretrained(pruned_model(), tmp_path, config=MaskedLoraConfig.load(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=tokens).logits, logits)

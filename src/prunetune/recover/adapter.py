@@ -4,7 +4,10 @@
 call. It is ``PeftModel.from_pretrained`` plus what PEFT cannot know:
 
 * a masked LoRA adapter needs :class:`~prunetune.recover.masked_lora.MaskedLoraConfig` to
-  rebuild its masked layers (plain PEFT would load it as unmasked LoRA);
+  rebuild its masked layers. Its ``adapter_config.json`` says ``"peft_type":
+  "PRUNETUNE_MASKED_LORA: ..."``, which plain PEFT refuses (it would apply the adapter
+  unmasked); adapters saved before that say ``"LORA"`` with ``"use_masked_lora": true`` and
+  load here all the same;
 * the base must be the pruning the adapter was trained on. Adapters written by
   ``prunetune recover`` record, for every adapted layer, a digest of the pruned positions
   (``base_mask_digests``, see :func:`prunetune.masks.mask_digest`) and the zero count
@@ -31,7 +34,11 @@ from prunetune.errors import UsageError
 from prunetune.masks import layer_digests
 from prunetune.modules import weight_matrix
 from prunetune.recover.base import zero_counts
-from prunetune.recover.masked_lora import MaskedLoraConfig, is_masked_config
+from prunetune.recover.masked_lora import (
+    MASKED_PEFT_TYPE,
+    MaskedLoraConfig,
+    is_masked_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +58,7 @@ def read_adapter_config(adapter_path: str | Path) -> dict:
 
     Raises:
         UsageError: not a folder, no adapter config (a full model folder gets its own hint),
-            a config that is not a JSON object, not LoRA, or a LoRA field of the wrong type.
+            a config that is not a JSON object, neither LoRA nor masked LoRA, or a LoRA field of the wrong type.
     """
     from prunetune.outputs import require_complete
 
@@ -73,8 +80,9 @@ def read_adapter_config(adapter_path: str | Path) -> dict:
                          "The file is damaged: copy the adapter folder again.") from err
     if not isinstance(config, dict):
         raise UsageError(f"{file} holds a JSON {type(config).__name__}, not an object; expected the LoRA config in {EXPECTED}.")
-    if config.get("peft_type") != "LORA":
-        raise UsageError(f"{adapter_path} holds a {config.get('peft_type')} adapter; prunetune applies LoRA adapters only.")
+    if config.get("peft_type") != "LORA" and not is_masked_config(config):
+        raise UsageError(f"{adapter_path} holds a {config.get('peft_type')} adapter; prunetune applies LoRA and "
+                         f"{MASKED_PEFT_TYPE} (masked LoRA) adapters only.")
     _check_fields(config, file)
     return config
 

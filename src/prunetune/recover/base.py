@@ -9,15 +9,21 @@ A method (``lora``, ``masked_lora``, ``full``) is a function ``setup(model, args
   holds each mask packed to 1 bit per weight (1/16 of a bf16 model), which matters at 7B
   scale; a zero count alone would miss a zero that moved.
 * :class:`prunetune.recover.full.MaskEnforcer` for full fine-tuning: exact positions.
+
+The two adapter methods also share :class:`RecoveryLoraConfig`, whose save writes the adapter
+folder's ``README.md``: what the adapter is and how to load and merge it.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
+from peft import LoraConfig
 from torch import nn
 
 from prunetune.masks import digest_packed, pack_layer, popcount, to_host
@@ -131,3 +137,88 @@ class Setup:
 def base_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every prunable layer of an unwrapped model (call before PEFT wraps it)."""
     return prunable_layers(model)
+
+
+ADAPTER_README = "README.md"
+
+
+@dataclass
+class RecoveryLoraConfig(LoraConfig):
+    """``LoraConfig`` of the adapter methods; saving it also writes the folder's ``README.md``.
+
+    ``PeftModel.save_pretrained`` (the final output and every Trainer checkpoint) first writes
+    PEFT's blank model-card template, then each adapter's config through this method, so the
+    card written here replaces the template. The saved ``adapter_config.json`` is plain LoRA's.
+    """
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        (Path(save_directory) / ADAPTER_README).write_text(self.readme(), encoding="utf-8")
+
+    def readme(self) -> str:
+        """The adapter folder's README: a plain LoRA adapter, and how to merge it without losing the sparsity."""
+        base = self._base()
+        return f"""---
+library_name: peft
+tags:
+- prunetune
+- lora
+---
+# LoRA recovery adapter (prunetune)
+
+A plain PEFT LoRA adapter written by `prunetune recover --recovery_method lora` to win back the
+accuracy a pruned model lost. Its update `delta W = s (B A)` is dense: it also changes the pruned
+(zero) weights, so merging it gives up the sparsity unless you re-mask.
+
+{self.card_facts()}
+
+## Load it
+
+In the commands below `ADAPTER` is this folder. prunetune first checks that the base is pruned
+as it was in training (plain PEFT's `PeftModel.from_pretrained` loads it too, without that check):
+
+```sh
+prunetune eval --model {base} --lora_weights ADAPTER
+```
+
+```python
+from transformers import AutoModelForCausalLM
+from prunetune.recover.adapter import apply_adapter
+
+model = apply_adapter(AutoModelForCausalLM.from_pretrained("{base}"), "ADAPTER")
+```
+
+## Merge it
+
+`prunetune merge` prints the sparsity of every adapted layer before and after the merge and,
+since the merge densifies them, saves only once you choose how:
+
+```sh
+prunetune merge --model {base} --adapter ADAPTER --save_model OUT --remask
+prunetune merge --model {base} --adapter ADAPTER --save_model OUT --allow_dense
+```
+
+`--remask` zeroes every pruned weight again after merging, which keeps the sparsity but costs
+accuracy (the command measures the perplexity before and after); `--allow_dense` keeps the
+dense merge (PEFT's `merge_and_unload` does the same). For a merge that keeps the sparsity
+exactly, recover with `--recovery_method masked_lora`.
+"""
+
+    def _base(self) -> str:
+        return self.base_model_name_or_path or "BASE"
+
+    def card_facts(self) -> str:
+        """The facts the config holds, as a Markdown list (base model, rank, scale, adapted layers)."""
+        scale = self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        targets = self.target_modules
+        targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else [str(targets)]
+        base = (f"`{self.base_model_name_or_path}`" if self.base_model_name_or_path
+                else "not recorded (`BASE` below: the pruned model it was trained on)")
+        rslora = " (rsLoRA: alpha / sqrt(r))" if self.use_rslora else ""
+        return "\n".join([
+            (f"- Base model: {base}. The adapter corrects that pruning: apply it to the same pruned model (prunetune "
+             "compares the pruned positions with those recorded in `prunetune.json` and refuses another)."),
+            f"- Rank r = {self.r}, lora_alpha = {self.lora_alpha}: scale s = {scale:g}{rslora}; dropout {self.lora_dropout}.",
+            f"- Adapted layers, in every decoder block: {', '.join(f'`{name}`' for name in targets)}.",
+            "- `prunetune.json`, in the folder of a finished run: the pruning, the training data, steps and tokens.",
+        ])

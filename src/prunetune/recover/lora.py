@@ -1,10 +1,14 @@
 """LoRA and masked LoRA on a frozen pruned model, through PEFT.
 
-The adapter is an ordinary PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
-and loads with ``PeftModel.from_pretrained``; masked LoRA adds one config field, see
-:mod:`prunetune.recover.masked_lora`. Target layers are chosen inside the decoder blocks
-only (by :func:`prunetune.modules.prunable_layers`), so ``all-linear`` never reaches the
-embeddings or the LM head, and a name that matches nothing is an error, not a silent no-op.
+A plain LoRA adapter is an ordinary PEFT adapter (``adapter_config.json`` +
+``adapter_model.safetensors``) and loads with ``PeftModel.from_pretrained``; a masked LoRA
+adapter is saved so that plain PEFT refuses it (see :mod:`prunetune.recover.masked_lora`).
+Both configs are :class:`~prunetune.recover.base.RecoveryLoraConfig`, so every save also
+writes the folder's ``README.md`` (how to load and merge the adapter).
+
+Target layers are chosen inside the decoder blocks only (by
+:func:`prunetune.modules.prunable_layers`), so ``all-linear`` never reaches the embeddings or
+the LM head, and a name that matches nothing is an error, not a silent no-op.
 """
 
 from __future__ import annotations
@@ -12,13 +16,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from torch import nn
 
 from prunetune.errors import UsageError
 from prunetune.modules import find_decoder_blocks, prunable_layers
 from prunetune.recover.args import RecoveryArguments
-from prunetune.recover.base import FrozenBaseCheck, Setup, base_layers
+from prunetune.recover.base import (
+    FrozenBaseCheck,
+    RecoveryLoraConfig,
+    Setup,
+    base_layers,
+)
 from prunetune.recover.masked_lora import MaskedLoraConfig
 
 logger = logging.getLogger(__name__)
@@ -58,12 +67,12 @@ def relative_target_names(model: nn.Module, targets: dict[str, nn.Module]) -> li
     return sorted(names)
 
 
-def build_lora_config(model: nn.Module, args: RecoveryArguments, masked: bool) -> LoraConfig:
+def build_lora_config(model: nn.Module, args: RecoveryArguments, masked: bool) -> RecoveryLoraConfig:
     targets = resolve_targets(model, args.target_patterns())
     conv1d = {not isinstance(m, nn.Linear) for m in targets.values()}  # GPT-2 Conv1D
     if len(conv1d) > 1:
         raise UsageError("--lora_target_modules mixes nn.Linear and Conv1D layers; target one kind at a time.")
-    config_class = MaskedLoraConfig if masked else LoraConfig
+    config_class = MaskedLoraConfig if masked else RecoveryLoraConfig
     return config_class(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,

@@ -16,55 +16,27 @@ It plugs into PEFT through PEFT's own extension points rather than beside it:
   ``Conv1D``.
 * :class:`MaskedLoraVariant` (a ``LoraVariant``) does merge / unmerge / the unfused forward.
 * :class:`MaskedLoraLinear` (a ``peft.tuners.lora.Linear``) adds the variant to its registry
-  and a fused forward (:class:`MaskedLinearFunction`): when the adapter input is the layer
+  and a fused forward (:class:`~prunetune.recover.masked_linear.MaskedLinearFunction`): when the adapter input is the layer
   input (no dropout in training), ``W + s (B A) * M`` is formed once and multiplied once, so
   the forward costs one matmul, like the base layer; the extra work is the (out, in) weight
   gradient in the backward. With dropout the variant's two-matmul forward is used (same maths).
 
-Precision of the fused forward. The sum is accumulated in fp32 and rounded once to the matmul's
-dtype (autocast's, else the weight's). In fp32 that is the exact formula. In bf16 / fp16,
-rounding to *nearest* cannot work, however the sum is accumulated: a bf16 base weight sits
-exactly on the bf16 grid, so every ``|delta|`` below half a step of ``W`` rounds back to ``W``
-and the update is lost, while the gradient assumes all of it. So the sum is rounded
-*stochastically* (:func:`round_stochastically`: up or down with probability proportional to
-the distance). The rounded weight then equals ``W + delta`` in expectation, a pruned weight
-stays exactly zero, and no matmul is added (Gupta et al. 2015, https://arxiv.org/abs/1502.02551).
-Measured with ``benchmarks/masked_lora_precision.py``: one 512x512 bf16 layer, 50% kept by
-magnitude, r = 8, mean ``|delta| / |W|`` = 1.5e-3 over the kept weights, 4,096 random
-inputs. The figure is the least-squares slope of the output change against the fp64
-intended change ``x @ delta^T``, the same with and without bf16 autocast:
-
-* before this change (``addcmul`` in bf16): 0.767;
-* the fp32 sum rounded to nearest: 0.768;
-* PEFT's plain LoRA, same factors: 0.894 (PEFT's order on the masked delta, which is the
-  dropout path here: 0.783);
-* now: 1.000 (0.995-1.005 over 5 seeds).
-
-In training each forward takes its rounding seed from the global CPU generator, as dropout
-draws from its generator, so ``torch.manual_seed`` reproduces a run and activation
-checkpointing, which restores the RNG state, recomputes the same weight. In ``eval()`` the
-seed is fixed (:data:`EVAL_ROUNDING_SEED`): evaluations are deterministic and leave the global
-generator alone, and the rounding is still unbiased across the weights of a layer. Cost: forming the weight takes a
-few elementwise passes more than before, each forward and again in backward (on 2 CPU cores:
-256 ms against 85 ms for a 2048x2048 bf16 weight). That is within the noise of a CPU bf16
-layer step, which the matmuls dominate. It is not yet measured on a GPU, where elementwise
-passes weigh more (``--device cuda``).
-
-Memory. The fused path saves for backward only the layer input (in the matmul's dtype)
-and references to tensors the module holds anyway (``W``, ``M``, ``A``, ``B``). Backward
-recomputes the effective weight (a rank-r matmul and the passes above) from the same seed,
-so it is the exact gradient of the forward. Before this change autograd also kept that
-weight whenever the input needed a gradient, i.e. in every layer but the first: one extra
-weight-sized tensor per adapted layer, so with ``all-linear`` a second copy of the adapted
-weights. Measured for a 1024x1024 layer and 1,024 inputs: 4 MiB input + 4 MiB weight before,
-the 4 MiB input now (fp32); 2 + 2 MiB before, 2 MiB now (bf16 autocast).
-
-The saved adapter is a standard PEFT adapter (``adapter_config.json`` with
-``"use_masked_lora": true`` + ``adapter_model.safetensors`` holding ordinary ``lora_A`` /
-``lora_B``). Plain ``PeftModel.from_pretrained`` loads it with a warning that it ignores
-``use_masked_lora`` -- and then computes *unmasked* LoRA. Load it with
-:func:`prunetune.recover.adapter.apply_adapter` (or pass ``config=MaskedLoraConfig.load(path)``
-to ``PeftModel.from_pretrained``), which restores the masked layers.
+The saved adapter is PEFT's folder (``adapter_config.json``, ``adapter_model.safetensors``
+with ordinary ``lora_A`` / ``lora_B``) with one difference: ``adapter_config.json`` says
+``"peft_type": "PRUNETUNE_MASKED_LORA: ..."`` (:data:`SAVED_PEFT_TYPE`) instead of ``"LORA"``,
+plus ``"use_masked_lora": true``. Plain PEFT cannot apply the adapter correctly -- ``(B A) * M``
+is full rank, so no LoRA weights, ``target_modules`` or rank pattern express it, and PEFT loads
+no code from an adapter folder -- and would otherwise load it as unmasked LoRA (wrong outputs, a
+merge that revives pruned weights). With this ``peft_type`` every plain PEFT loader
+(``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM``, transformers' ``load_adapter``)
+stops with ``KeyError: 'PRUNETUNE_MASKED_LORA: plain PEFT cannot apply it; ...'``.
+:meth:`MaskedLoraConfig.to_dict` writes it, so every save path (``PeftModel.save_pretrained``,
+the Trainer's checkpoints) does; in memory the config stays ``PeftType.LORA``, which is what
+PEFT's code checks. The Trainer's ``--resume_from_checkpoint`` is unaffected: it loads the
+checkpoint's weights into the adapter the model already has and does not read the config.
+:func:`prunetune.recover.adapter.apply_adapter` and :meth:`MaskedLoraConfig.load` read this
+form and the earlier one (``"peft_type": "LORA"`` with ``"use_masked_lora": true``). Saving
+also writes the folder's ``README.md`` (:meth:`MaskedLoraConfig.readme`).
 
 The mask is the base weight's nonzero pattern, taken once when the adapter is created (or
 loaded) and held as a non-persistent buffer (``prunetune_kept_mask_<adapter>``; bool on CUDA,
@@ -77,7 +49,6 @@ keeps the merged sparsity equal to the pruned sparsity.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -90,20 +61,32 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
 from peft.utils.other import transpose
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from prunetune.modules import LINEAR_TYPES
-from prunetune.recover.base import device_mask
+from prunetune.recover.base import RecoveryLoraConfig, device_mask
+from prunetune.recover.masked_linear import (
+    DROPPED_MANTISSA_BITS,
+    EVAL_ROUNDING_SEED,
+    FusedPlan,
+    MaskedLinearFunction,
+    draw_rounding_seed,
+    effective_weight,  # noqa: F401  (benchmarks import it from here)
+    matmul_dtype,
+)
 
 MASK_BUFFER_PREFIX = "prunetune_kept_mask_"
-# Low fp32 mantissa bits a narrower float drops (fp32 has 23, bf16 7, fp16 10): stochastic rounding adds
-# noise below them and truncates. A dtype missing here is at least as wide as the fp32 sum (no rounding).
-DROPPED_MANTISSA_BITS = {torch.bfloat16: 16, torch.float16: 13}
+MASKED_PEFT_TYPE = "PRUNETUNE_MASKED_LORA"
+# What adapter_config.json says instead of "LORA". Every plain PEFT loader looks it up in its table of
+# methods and stops with KeyError: '<this text>', so the text is the message the user reads.
+SAVED_PEFT_TYPE = f"{MASKED_PEFT_TYPE}: plain PEFT cannot apply it; load it with prunetune (see README.md)"
 
 
 @dataclass
-class MaskedLoraConfig(LoraConfig):
-    """``LoraConfig`` for masked LoRA. Everything else is LoRA's, with LoRA's defaults."""
+class MaskedLoraConfig(RecoveryLoraConfig):
+    """``LoraConfig`` for masked LoRA. Everything else is LoRA's, with LoRA's defaults.
+
+    Saved with ``peft_type`` :data:`SAVED_PEFT_TYPE` (see :meth:`to_dict`), read back by :meth:`load`.
+    """
 
     use_masked_lora: bool = field(
         default=True,
@@ -117,19 +100,91 @@ class MaskedLoraConfig(LoraConfig):
         super().__post_init__()
         self._register_custom_module({layer_type: MaskedLoraLinear for layer_type in LINEAR_TYPES})
 
+    def to_dict(self) -> dict:
+        """The saved form (what ``save_pretrained`` writes): ``peft_type`` is :data:`SAVED_PEFT_TYPE`, not ``LORA``."""
+        return {**super().to_dict(), "peft_type": SAVED_PEFT_TYPE}
+
     @classmethod
-    def load(cls, adapter_path: str | Path) -> "MaskedLoraConfig":
-        """Read ``adapter_config.json`` into this class (PEFT's loader would map it to plain LoraConfig)."""
+    def load(cls, adapter_path: str | Path) -> MaskedLoraConfig:
+        """Read ``adapter_config.json`` into this class: the saved form, or the earlier ``LORA`` + ``use_masked_lora``."""
         saved = json.loads((Path(adapter_path) / "adapter_config.json").read_text(encoding="utf-8"))
         saved.pop("runtime_config", None)
+        saved.pop("peft_type", None)  # LORA in memory (set by LoraConfig), whatever the file says
         known = {f.name for f in fields(cls) if f.init}
         return cls(**{k: v for k, v in saved.items() if k in known})
 
+    def readme(self) -> str:
+        """The adapter folder's README: what the adapter is, why plain PEFT refuses it, how to load and merge it."""
+        base = self._base()
+        return f"""---
+library_name: prunetune
+tags:
+- prunetune
+- masked-lora
+- sparse
+---
+# Masked LoRA recovery adapter (prunetune)
+
+A masked LoRA adapter written by `prunetune recover --recovery_method masked_lora` to win back
+the accuracy a pruned model lost, without giving up its sparsity. Its update is confined to the
+weights the pruning kept:
+
+```
+delta W = s (B A) * M        M = (W != 0), the pruned base's kept mask
+```
+
+so it adds exactly zero to every pruned weight.
+
+{self.card_facts()}
+
+## Plain PEFT cannot apply it, and refuses
+
+`(B A) * M` is not low rank: no plain LoRA adapter expresses it, and PEFT loads no code from an
+adapter folder. Loaded as plain LoRA, `B A` would be applied unmasked: wrong outputs, and a
+`merge_and_unload` that revives the pruned weights. So `adapter_config.json` says
+`"peft_type": "{MASKED_PEFT_TYPE}: ..."` instead of `"LORA"`, and `PeftModel.from_pretrained`,
+`AutoPeftModelForCausalLM` and transformers' `load_adapter` stop with
+
+```
+KeyError: '{SAVED_PEFT_TYPE}'
+```
+
+The weights in `adapter_model.safetensors` are ordinary `lora_A` / `lora_B` factors; the mask
+is not stored, it is the base's nonzero pattern.
+
+## Load it
+
+In the commands below `ADAPTER` is this folder. prunetune checks that the base is pruned as it
+was in training, then rebuilds the masked layers:
+
+```sh
+prunetune eval --model {base} --lora_weights ADAPTER
+```
+
+```python
+from transformers import AutoModelForCausalLM
+from prunetune.recover.adapter import apply_adapter
+
+model = apply_adapter(AutoModelForCausalLM.from_pretrained("{base}"), "ADAPTER")  # a peft.PeftModel
+```
+
+## Merge it
+
+```sh
+prunetune merge --model {base} --adapter ADAPTER --save_model OUT
+```
+
+Sparsity guarantee: the merge adds exactly zero to every pruned weight, so every adapted layer
+keeps the pruned model's sparsity. `prunetune merge` verifies it layer by layer before saving
+(the `revived` column of the table it prints is 0 in every layer). In bf16 a kept weight can
+also round to exactly zero where `W + delta == 0`; the command reports those.
+"""
+
 
 def is_masked_config(config: dict | LoraConfig) -> bool:
-    """True for a masked LoRA adapter config (a saved ``adapter_config.json`` dict or a config)."""
+    """True for a masked LoRA adapter config (a saved ``adapter_config.json`` dict, either form, or a config)."""
     if isinstance(config, dict):
-        return bool(config.get("use_masked_lora", False))
+        return str(config.get("peft_type")).startswith(MASKED_PEFT_TYPE) or bool(config.get("use_masked_lora", False))
     return bool(getattr(config, "use_masked_lora", False))
 
 
@@ -138,7 +193,7 @@ def kept_mask(module: nn.Module, adapter: str) -> torch.Tensor:
     return getattr(module, MASK_BUFFER_PREFIX + adapter)
 
 
-def masked_delta(module: "MaskedLoraLinear", adapter: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+def masked_delta(module: MaskedLoraLinear, adapter: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``s * (B A) * M`` in the base weight's storage orientation (transposed for Conv1D)."""
     weight_B = module.lora_B[adapter].weight
     weight_A = module.lora_A[adapter].weight
@@ -181,159 +236,6 @@ class MaskedLoraVariant(LoraVariant):
         if module.fan_in_fan_out:
             delta = delta.t()  # (out, in) for F.linear
         return result + F.linear(dropped, delta.to(dropped.dtype))
-
-
-def round_stochastically(value: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """Round an fp32 tensor to bf16 / fp16 up or down, with probability proportional to the distance.
-
-    Adds uniform integer noise below the bits ``dtype`` keeps and truncates them, on the fp32
-    bit pattern (sign and magnitude, so it is symmetric in the sign): ``E[result] == value``.
-    Values already representable in ``dtype`` (zero included) come back unchanged. For fp16,
-    values in its subnormal range are then rounded to nearest.
-
-    Args:
-        value: fp32 tensor; overwritten (the caller's scratch sum).
-        dtype: ``torch.bfloat16`` or ``torch.float16``.
-        seed: seeds a generator on ``value``'s device, so the same seed gives the same rounding.
-
-    Returns:
-        ``value`` rounded to ``dtype``.
-    """
-    dropped = DROPPED_MANTISSA_BITS[dtype]
-    generator = torch.Generator(device=value.device).manual_seed(seed)
-    bits = value.view(torch.int32)
-    noise = torch.empty_like(bits).random_(0, 1 << dropped, generator=generator)
-    bits.add_(noise).bitwise_and_(-(1 << dropped))  # a carry into the exponent is the correct next value
-    return value.to(dtype)  # exact: the dropped bits are zero
-
-
-@dataclass(frozen=True)
-class FusedPlan:
-    """The non-tensor inputs of :class:`MaskedLinearFunction`.
-
-    Attributes:
-        scalings: ``s`` per adapter, in the order of the factors.
-        fan_in_fan_out: the base weight is stored (in, out) (GPT-2 ``Conv1D``).
-        dtype: the matmul's dtype: autocast's where it applies, else the base weight's.
-        seed: stochastic rounding seed when ``dtype`` is narrower than the fp32 sum, else None.
-    """
-
-    scalings: tuple[float, ...]
-    fan_in_fan_out: bool
-    dtype: torch.dtype
-    seed: int | None
-
-
-def matmul_dtype(device_type: str, weight_dtype: torch.dtype) -> torch.dtype:
-    """The dtype ``F.linear`` would run in here: autocast's (it leaves fp64 alone), else the weight's."""
-    if (weight_dtype != torch.float64 and torch.amp.is_autocast_available(device_type)
-            and torch.is_autocast_enabled(device_type)):
-        return torch.get_autocast_dtype(device_type)
-    return weight_dtype
-
-
-def _no_autocast(device_type: str):
-    """Autocast off: the function casts explicitly, so the fp32 sum is not cast to bf16 behind its back."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _adapters(factors: tuple[torch.Tensor, ...], plan: FusedPlan):
-    """``(lora_A, lora_B, kept, scaling)`` per adapter from the flat factor list."""
-    return [(*factors[i:i + 3], scaling) for i, scaling in zip(range(0, len(factors), 3), plan.scalings)]
-
-
-def effective_weight(weight: torch.Tensor, factors: tuple[torch.Tensor, ...], plan: FusedPlan) -> torch.Tensor:
-    """``W + sum_i s_i (B_i A_i) * M_i`` summed in fp32 (fp64 for fp64 weights), rounded once to ``plan.dtype``.
-
-    Returns the weight in storage orientation ((in, out) for ``Conv1D``), stochastically
-    rounded when ``plan.seed`` is set (see :func:`round_stochastically` for why).
-    """
-    accumulate = torch.promote_types(weight.dtype, torch.float32)
-    total = None
-    for lora_A, lora_B, kept, scaling in _adapters(factors, plan):
-        scaled_A = lora_A.to(accumulate) * scaling  # (r, in): the scale costs r * in, not out * in
-        lora_B = lora_B.to(accumulate)  # (out, r)
-        product = scaled_A.t() @ lora_B.t() if plan.fan_in_fan_out else lora_B @ scaled_A  # contiguous, storage orientation
-        total = torch.addcmul(weight, product, kept) if total is None else total.addcmul_(product, kept)
-        del product  # before the rounding noise: one layer's scratch peaks at 8 bytes per weight, not 12
-    if plan.seed is None:
-        return total.to(plan.dtype)
-    return round_stochastically(total, plan.dtype, plan.seed)
-
-
-class MaskedLinearFunction(torch.autograd.Function):
-    """``F.linear(x, W + sum_i s_i (B_i A_i) * M_i, b)`` with one matmul and a recomputed weight.
-
-    Call as ``apply(x, weight, bias, plan, lora_A_1, lora_B_1, kept_1, lora_A_2, ...)``
-    (``weight`` and the masks in storage orientation, ``bias`` may be None). Saves the input
-    (in ``plan.dtype``) and references to the module's own tensors; backward recomputes the
-    effective weight with the same rounding seed, so it is the exact gradient of what the
-    forward computed. Gradients (``G = dL/dW`` in (out, in), ``D_i = G * M_i``)::
-
-        dx = dy @ W_eff      dA_i = s_i B_i^T D_i      dB_i = s_i D_i A_i^T      db = sum dy
-
-    Everything runs in ``plan.dtype`` with autocast off (the caller resolved autocast into
-    ``plan.dtype``), and each gradient is returned in its input's dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, plan: FusedPlan, *factors):
-        with _no_autocast(x.device.type):
-            inputs = x.to(plan.dtype)
-            merged = effective_weight(weight, factors, plan)
-            out = F.linear(inputs, merged.t() if plan.fan_in_fan_out else merged,
-                           None if bias is None else bias.to(plan.dtype))
-        weight_grad_needed = ctx.needs_input_grad[1] or any(ctx.needs_input_grad[4:])  # dL/dW needs the input
-        ctx.save_for_backward(inputs if weight_grad_needed else None, weight, *factors)
-        ctx.plan = plan
-        ctx.x_dtype = x.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        inputs, weight, *factors = ctx.saved_tensors
-        plan: FusedPlan = ctx.plan
-        needs = ctx.needs_input_grad
-        grad_x = grad_weight = grad_bias = None
-        factor_grads = [None] * len(factors)
-        with _no_autocast(grad_output.device.type):
-            grad_output = grad_output.to(plan.dtype)
-            if needs[0]:
-                merged = effective_weight(weight, factors, plan)
-                grad_x = (grad_output @ (merged.t() if plan.fan_in_fan_out else merged)).to(ctx.x_dtype)
-                del merged
-            flat_grad = grad_output.reshape(-1, grad_output.shape[-1])  # (N, out)
-            if needs[2]:
-                grad_bias = flat_grad.sum(0).to(ctx.bias_dtype)
-            if needs[1] or any(needs[4:]):
-                flat_inputs = inputs.reshape(-1, inputs.shape[-1])  # (N, in)
-                # dL/dW once for all adapters, in storage orientation (contiguous like the masks)
-                full = flat_inputs.t() @ flat_grad if plan.fan_in_fan_out else flat_grad.t() @ flat_inputs
-                if needs[1]:
-                    grad_weight = full.to(weight.dtype)
-                adapters = _adapters(tuple(factors), plan)
-                for index, (lora_A, lora_B, kept, scaling) in enumerate(adapters):
-                    in_place = index == len(adapters) - 1 and not needs[1]  # last use of ``full``
-                    masked = full.mul_(kept) if in_place else full * kept
-                    masked = masked.t() if plan.fan_in_fan_out else masked  # (out, in)
-                    if needs[4 + 3 * index]:
-                        factor_grads[3 * index] = (lora_B.to(plan.dtype).t() @ masked).to(lora_A.dtype).mul_(scaling)
-                    if needs[5 + 3 * index]:
-                        factor_grads[3 * index + 1] = (masked @ lora_A.to(plan.dtype).t()).to(lora_B.dtype).mul_(scaling)
-        return grad_x, grad_weight, grad_bias, None, *factor_grads
-
-
-EVAL_ROUNDING_SEED = 0x5EED  # eval(): one fixed rounding, so two evaluations agree exactly
-
-
-def draw_rounding_seed() -> int:
-    """A seed for one forward's stochastic rounding, from the global CPU generator (as dropout draws)."""
-    return int(torch.randint(0, 2**62, (1,)).item())
-
 
 class MaskedLoraLinear(LoraLinear):
     """PEFT LoRA ``Linear`` that knows the masked variant and fuses its forward when it can."""
