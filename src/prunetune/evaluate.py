@@ -30,6 +30,9 @@ class PerplexityResult:
     seconds: float
     dataset: str = ""
     fingerprint: str = ""
+    # which text the perplexity was computed on, for people: "docs.txt, held-out first 5% of lines (210 of
+    # 4,200)", "wikitext2 test (papers' protocol)" (prunetune.data's Documents.description)
+    text: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,9 +152,19 @@ def perplexity(
 
 def evaluate_dataset(model, tokenizer, dataset: str, seqlen: int, batch_size: int = 8, split: str = "test",
                      max_windows: int | None = None, progress: bool = False, autocast_dtype=None,
-                     cache_dir: str | None = None) -> PerplexityResult:
-    """Perplexity on a named data source (see :mod:`prunetune.data`)."""
-    from prunetune.data import eval_stream
+                     cache_dir: str | None = None, *, validation_percent: float = 5.0,
+                     flag: str = "--dataset") -> PerplexityResult:
+    """Perplexity on a named data source (see :mod:`prunetune.data`).
+
+    Args:
+        validation_percent: a local source without split files is scored on its held-out
+            first percentage of lines/records, never on text a model trained on (0: the whole source).
+        flag: the option ``dataset`` came from, named in error messages.
+
+    Returns:
+        The result, with ``dataset``, ``fingerprint`` and ``text`` (which text it was) set.
+    """
+    from prunetune.data import check_validation_percent, eval_stream
 
     check_model(model)
     require(tokenizer is not None and callable(tokenizer),
@@ -159,11 +172,15 @@ def evaluate_dataset(model, tokenizer, dataset: str, seqlen: int, batch_size: in
     require(isinstance(dataset, str) and dataset, f"dataset must be a data source name or path, got {dataset!r}.")
     check_window_options(seqlen, batch_size, max_windows)
     check_seqlen(model, seqlen)
-    stream, documents = eval_stream(tokenizer, dataset, seqlen=seqlen, split=split, cache_dir=cache_dir)
+    check_validation_percent(validation_percent)
+    stream, documents = eval_stream(tokenizer, dataset, seqlen=seqlen, split=split, cache_dir=cache_dir,
+                                    validation_percent=validation_percent, flag=flag)
     result = perplexity(model, stream, seqlen, batch_size=batch_size, max_windows=max_windows,
                         progress=progress, autocast_dtype=autocast_dtype)
     result.dataset = dataset
     result.fingerprint = documents.fingerprint
+    windows = f"first {result.windows} windows of {seqlen} tokens of " if max_windows is not None else ""
+    result.text = windows + documents.description
     return result
 
 

@@ -102,7 +102,7 @@ class PruneConfig:
         if self.pruner.needs_calibration and self.calibration_ids is None:
             from prunetune.data import check_source
 
-            check_source(self.calib_dataset)
+            check_source(self.calib_dataset, flag="--calib_dataset")
 
 
 def build_pruner(method: str, ratio, structure, use_variant: bool = False, options: dict | None = None) -> Pruner:
@@ -186,8 +186,8 @@ def _calibration_ids(model, tokenizer, config: PruneConfig) -> tuple[torch.Tenso
     from prunetune.data import calibration_samples, load_documents
 
     ids = calibration_samples(tokenizer, config.calib_dataset, config.nsamples, seqlen, seed=config.seed,
-                              cache_dir=config.cache_dir)
-    fingerprint = load_documents(config.calib_dataset, "train", config.cache_dir).fingerprint
+                              cache_dir=config.cache_dir, flag="--calib_dataset")
+    fingerprint = load_documents(config.calib_dataset, "train", config.cache_dir, flag="--calib_dataset").fingerprint
     return ids, {"dataset": config.calib_dataset, "fingerprint": fingerprint, "nsamples": config.nsamples,
                  "seqlen": seqlen, "seed": config.seed}
 

@@ -1,0 +1,120 @@
+"""Data names and paths -> :class:`Documents`: the one dispatch over builtin, hub and local sources.
+
+A *source* is ``builtin``, a hub name (``wikitext2``, ``c4``, ``ptb``), a local folder in one
+of those datasets' hub layout (it gets that dataset's protocol), or a local file/folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prunetune.data.builtin import builtin_documents
+from prunetune.data.documents import Documents
+from prunetune.data.hub_sources import (
+    HUB_SOURCES,
+    HUB_TABLE,
+    HubSource,
+    hub_layout,
+    load_hub,
+)
+from prunetune.data.local import (
+    _split_path_field,
+    describe_kinds,
+    file_kind,
+    load_local,
+)
+from prunetune.errors import UsageError, require
+
+SOURCES = HUB_SOURCES + ("builtin",)
+SPLITS = ("train", "validation", "test")
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
+
+
+def describe_sources() -> str:
+    return (
+        f"one of {', '.join(SOURCES)}, or a path to a {describe_kinds()} file "
+        "(json/jsonl/parquet: 'path:field' names the text field) or a folder of them"
+    )
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """What a source string names: ``kind`` is builtin, hub (from the Hub) or local; ``protocol``
+    is the hub source whose protocol applies (also to a local folder in its layout)."""
+
+    name: str
+    kind: str
+    protocol: HubSource | None = None
+    root: Path | None = None  # a local folder in the hub layout of ``protocol``
+
+
+def resolve(source: str, flag: str | None = None) -> SourceRef:
+    """Check ``source`` and say what it names (see :func:`check_source`)."""
+    from prunetune.hub import looks_like_path
+
+    label = f"{flag} {source}" if flag else f"The dataset path {source!r}"
+    require(isinstance(source, str) and source.strip(), f"{flag or 'dataset'} {source!r}: give a data source, {describe_sources()}.")
+    if source == "builtin":
+        return SourceRef(source, "builtin")
+    if source in HUB_TABLE:
+        return SourceRef(source, "hub", HUB_TABLE[source])
+    path, _ = _split_path_field(source)
+    if not path.exists():
+        if looks_like_path(source) or file_kind(path) is not None:
+            raise UsageError(f"{label} does not exist: there is no such file or folder. Accepted: {describe_sources()}.")
+        raise UsageError(f"Unknown dataset {source!r}: it is neither a known name nor an existing path. "
+                         f"Accepted: {describe_sources()}.")
+    if path.is_file() and file_kind(path) is None:
+        raise UsageError(f"Cannot read dataset {source!r}: unsupported file type '{''.join(path.suffixes)}'. "
+                         f"Accepted: {describe_sources()}.")
+    spec = hub_layout(path)
+    if spec is not None:
+        return SourceRef(source, "local", spec, path)
+    return SourceRef(source, "local")
+
+
+def check_source(source: str, flag: str | None = None) -> None:
+    """Raise :class:`UsageError` unless ``source`` names a known source or an existing readable path.
+
+    Args:
+        flag: the option the user set it with (``--calib_dataset``), named in the message.
+    """
+    resolve(source, flag)
+
+
+def check_validation_percent(validation_percent) -> None:
+    ok = isinstance(validation_percent, (int, float)) and not isinstance(validation_percent, bool)
+    require(ok and 0 <= validation_percent < 100,
+            f"validation_percent={validation_percent!r}: give the percentage of a local source to hold out for "
+            "validation and test, a number from 0 (no hold-out) up to but not including 100.")
+
+
+def load_documents(source: str, split: str, cache_dir: str | None = None, *, validation_percent: float = 5.0,
+                   streaming: bool = False, flag: str = "--dataset") -> Documents:
+    """The documents of ``split`` of ``source``.
+
+    Args:
+        source: ``builtin``, ``wikitext2``, ``c4``, ``ptb``, or a local file or folder
+            (:mod:`prunetune.data.local`; a folder in one of the hub layouts gets that dataset's protocol).
+        split: ``train``, ``validation`` or ``test``.
+        cache_dir: the ``datasets`` cache (default ``HF_DATASETS_CACHE``).
+        validation_percent: for a local source without split files, the held-out first
+            percentage of lines/records that ``validation`` and ``test`` read and ``train``
+            skips (``run_clm.py``'s ``--validation_split_percentage``); 0: no hold-out.
+        streaming: read the rows as a ``datasets.IterableDataset`` without converting the
+            source first (hub sources, JSON/Parquet files named by split).
+        flag: the option the source came from, named in error messages.
+
+    Raises:
+        UsageError: unknown names, missing or unreadable files, empty data, a hub dataset
+            that cannot be had offline.
+    """
+    require(split in SPLITS, f"Unknown split {split!r}; accepted: {', '.join(SPLITS)}.")
+    check_validation_percent(validation_percent)
+    ref = resolve(source, flag)
+    if ref.kind == "builtin":
+        return builtin_documents(split)
+    if ref.protocol is not None:
+        return load_hub(ref.protocol, split, source, cache_dir, ref.root, streaming, flag)
+    return load_local(source, split, cache_dir, validation_percent, streaming)
