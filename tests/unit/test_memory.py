@@ -60,6 +60,7 @@ def test_cpu_increase_excludes_memory_already_resident():
 
 
 def test_nested_blocks_keep_the_outer_peak():
+    _trim()
     with track_peak_memory("cpu") as outer:
         before_inner = _filled(200)
         del before_inner
