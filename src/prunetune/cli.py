@@ -38,17 +38,29 @@ def _version() -> str:
 
 def _usage() -> str:
     rows = "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
-    return f"usage: prunetune [-v] [--version] COMMAND [ARGS...]\n\ncommands:\n{rows}\n\nprunetune COMMAND --help shows a command's options."
+    return (f"usage: prunetune [-v | -q] [--version] COMMAND [ARGS...]\n\ncommands:\n{rows}\n\n"
+            "Progress bars and warnings show by default; -v adds what each step does\n"
+            "(-vv: debug); -q shows only errors and results.\n"
+            "prunetune COMMAND --help shows a command's options.")
 
 
 def configure_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    """Log handlers and levels for the process: -q (verbose -1) errors only, default warnings, -v info, -vv debug.
+
+    Commands show progress bars unless prunetune's logger is set above WARNING (-q): see :func:`progress_bars`.
+    """
+    level = logging.ERROR if verbose < 0 else logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("prunetune").setLevel(logging.INFO if verbose > 0 else logging.WARNING)
+    logging.getLogger("prunetune").setLevel(min(level, logging.INFO) if verbose > 0 else level)
     if verbose <= 0:
         import os
+        import warnings
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        # Libraries warning each other about renamed APIs (PEFT -> transformers 5, transformers -> accelerate's
+        # DDP wrapper): nothing a user can act on
+        for message in (".*is_gradient_checkpointing.* is deprecated", ".*broadcast_buffers.* is deprecated"):
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
         try:  # the library's own progress bars stay; the per-file load/save bars of HF go
             import transformers
 
@@ -59,6 +71,20 @@ def configure_logging(verbose: int) -> None:
             huggingface_hub.utils.disable_progress_bars()
         except ImportError:  # pragma: no cover
             pass
+    if verbose < 0:  # -q: no bars (datasets' included: it reads this when imported) and no warnings
+        import os
+        import warnings
+
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
+        warnings.simplefilter("ignore")
+
+
+def progress_bars() -> bool:
+    """Whether a command shows progress bars: yes unless ``prunetune -q`` (or a caller's logging setup)
+    set prunetune's logger above WARNING."""
+    return logging.getLogger("prunetune").isEnabledFor(logging.WARNING)
 
 
 # Errors of the storage, not of prunetune: full disk, quota, read-only file system, permissions.
@@ -74,14 +100,23 @@ def report_usage_error(err: UsageError) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = 0
-    while argv and argv[0] in ("-v", "-vv", "--verbose"):
-        verbose += 2 if argv.pop(0) == "-vv" else 1
-    # -v may also follow the command name
-    for flag in ("-v", "--verbose"):
+    verbose, quiet = 0, False
+    while argv and argv[0] in ("-v", "-vv", "--verbose", "-q", "--quiet"):
+        flag = argv.pop(0)
+        if flag in ("-q", "--quiet"):
+            quiet = True
+        else:
+            verbose += 2 if flag == "-vv" else 1
+    # -v may also follow the command name; a -q there is the command's own (run, demo and recover take one)
+    for flag in ("-v", "-vv", "--verbose"):
         while flag in argv[1:]:
             argv.remove(flag)
-            verbose += 1
+            verbose += 2 if flag == "-vv" else 1
+    if quiet and verbose:
+        print("prunetune: error: -q (quiet) and -v (verbose) contradict each other; give one of them.", file=sys.stderr)
+        return 2
+    if quiet:
+        verbose = -1
     if argv and argv[0] in ("--version", "-V"):
         print(f"prunetune {_version()}")
         return 0

@@ -87,6 +87,7 @@ def perplexity(
     max_windows: int | None = None,
     progress: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    desc: str = "perplexity",
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``stream`` (1, N) in non-overlapping windows of ``seqlen``.
 
@@ -119,7 +120,7 @@ def perplexity(
     model.eval()
     total_nll = torch.zeros((), dtype=torch.float64)
     start = time.perf_counter()
-    bar = tqdm(total=windows, desc="perplexity", unit="win", disable=not progress, leave=False)
+    bar = tqdm(total=windows, desc=desc, unit="win", disable=not progress, leave=False)
     try:
         for first in range(0, windows, batch_size):
             batch = ids[first : first + batch_size].to(device)
@@ -153,7 +154,7 @@ def perplexity(
 def evaluate_dataset(model, tokenizer, dataset: str, seqlen: int, batch_size: int = 8, split: str = "test",
                      max_windows: int | None = None, progress: bool = False, autocast_dtype=None,
                      cache_dir: str | None = None, *, validation_percent: float = 5.0,
-                     flag: str = "--dataset") -> PerplexityResult:
+                     flag: str = "--dataset", desc: str = "perplexity") -> PerplexityResult:
     """Perplexity on a named data source (see :mod:`prunetune.data`).
 
     Args:
@@ -176,7 +177,7 @@ def evaluate_dataset(model, tokenizer, dataset: str, seqlen: int, batch_size: in
     stream, documents = eval_stream(tokenizer, dataset, seqlen=seqlen, split=split, cache_dir=cache_dir,
                                     validation_percent=validation_percent, flag=flag)
     result = perplexity(model, stream, seqlen, batch_size=batch_size, max_windows=max_windows,
-                        progress=progress, autocast_dtype=autocast_dtype)
+                        progress=progress, autocast_dtype=autocast_dtype, desc=desc)
     result.dataset = dataset
     result.fingerprint = documents.fingerprint
     windows = f"first {result.windows} windows of {seqlen} tokens of " if max_windows is not None else ""

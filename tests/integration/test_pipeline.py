@@ -15,7 +15,8 @@ def small_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     save_model_folder(root / "model", "llama")
     text = root / "text.txt"
-    text.write_text("".join(chr(32 + (i * i * 7 + i) % 90) for i in range(12000)))
+    chars = "".join(chr(32 + (i * i * 7 + i) % 90) for i in range(12000))
+    text.write_text("\n".join(chars[i : i + 100] for i in range(0, len(chars), 100)))  # lines: a held-out part splits off
     config = {
         "title": "reduced pipeline",
         "model": str(root / "model"),
@@ -28,7 +29,7 @@ def small_setup(tmp_path_factory):
         "prune": [{"method": "magnitude", "sparsity_ratio": 0.5}, {"method": "wanda", "sparsity_ratio": 0.5}],
         "recover": [{"prune": "wanda 50%", "methods": ["lora", "masked_lora", "full"], "dataset": str(text),
                      "block_size": 32, "max_steps": 3, "per_device_train_batch_size": 4, "logging_steps": 1,
-                     "learning_rate": 1e-3}],
+                     "learning_rate": 1e-3, "eval_steps": 1, "max_eval_samples": 4}],
     }
     return root, config
 
@@ -36,10 +37,12 @@ def small_setup(tmp_path_factory):
 def test_pipeline_report_and_reuse(small_setup):
     root, raw = small_setup
     first = run_pipeline(load_config(raw))
-    assert len(first.executed) == 6 and not first.reused  # dense, 2 prunes, 3 recoveries
+    assert len(first.executed) == 7 and not first.reused  # dense, 2 prunes, 3 recoveries, the per-layer error
     out = root / "run"
-    for name in ("report.md", "perplexity.png", "loss_curves.png", "sparsity_heatmap.png", "results.json", "config.resolved.yaml"):
+    for name in ("report.md", "perplexity.png", "perplexity_curve.png", "loss_curves.png", "reconstruction_error.png",
+                 "results.json", "config.resolved.yaml"):
         assert (out / name).stat().st_size > 0, name
+    assert not (out / "sparsity_heatmap.png").exists()  # uniform 0.50 everywhere: replaced by the per-layer error
     rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert set(rows) == {"dense", "magnitude 50%", "wanda 50%", "wanda 50% + lora", "wanda 50% + lora, merged + remasked",
                          "wanda 50% + masked_lora", "wanda 50% + full"}
@@ -68,14 +71,30 @@ def test_pipeline_report_and_reuse(small_setup):
     merged = load_model(str(stage_dirs["recover wanda 50% + masked_lora"] / "merged"))
     assert measure_sparsity(merged).overall == pruned
 
+    # held-out perplexity against tokens: the pruned model at 0 tokens, then every eval_steps; the dense reference
+    pruned_point = None
+    for method in ("lora", "masked_lora", "full"):
+        result = json.loads((stage_dirs[f"recover wanda 50% + {method}"] / "stage.json").read_text())["result"]
+        steps = [step for step, _ in result["eval_history"]]
+        assert steps == [0, 1, 2, 3], method
+        pruned_point = pruned_point or result["eval_history"][0][1]
+        assert result["eval_history"][0][1] == pytest.approx(pruned_point), method  # every run starts from one model
+        assert 1 < result["eval_dense_perplexity"] != pruned_point  # the dense model on the very same blocks
+        assert result["tokens_per_step"] == 4 * 32 and len(result["loss_history"]) == 3
+    assert "Held-out perplexity" in report and "the dense model on the same blocks" in report
+    # the per-layer error: every configuration, every prunable layer; the dense-equal masked merge keeps wanda's zeros
+    errors = json.loads((stage_dirs["per-layer error"] / "stage.json").read_text())["result"]["errors"]
+    assert set(errors) == set(rows) - {"dense"}
+    assert all(len(per_layer) == 14 and all(0 < e < 2 for e in per_layer.values()) for per_layer in errors.values())
+
     second = run_pipeline(load_config(raw))
-    assert second.executed == [] and len(second.reused) == 6
+    assert second.executed == [] and len(second.reused) == 7
     assert [r.perplexity for r in second.rows] == [r.perplexity for r in first.rows]
 
     # adding a method reruns only that stage
     raw_more = {**raw, "prune": raw["prune"] + [{"method": "magnitude", "sparsity_type": "2:4"}]}
     third = run_pipeline(load_config(raw_more))
-    assert third.executed == ["prune magnitude 2:4"]
+    assert third.executed == ["prune magnitude 2:4", "per-layer error"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -93,3 +112,94 @@ def test_bad_config_fails_before_work(small_setup, tmp_path, capsys, change, mes
     assert main(["run", str(path)]) == 2
     assert message in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "out").exists()
+
+
+def test_stage_lines_and_labelled_bars(small_setup, tmp_path, capsys):
+    """One line per stage as it starts and ends (reused ones too); bars follow --no_progress, -q silences both."""
+    _, raw = small_setup
+    config = {**raw, "output_dir": str(tmp_path / "run"), "progress": True, "recover": [], "prune": raw["prune"][:1]}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path)]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("[")]
+    assert lines[:2] == ["[1/3] dense: running…", lines[1]] and lines[1].startswith("[1/3] dense: done in ")
+    assert "[2/3] prune magnitude 50%: running…" in lines and "[3/3] per-layer error: running…" in lines
+    assert "perplexity" in err  # a bar, with progress on
+
+    assert main(["run", str(path), "--no_progress"]) == 0
+    err = capsys.readouterr().err
+    assert "[1/3] dense: reused (ran " in err and "[3/3] per-layer error: reused" in err and "win/s" not in err
+
+    assert main(["run", str(path), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "[1/3]" not in captured.err and "win/s" not in captured.err and "magnitude 50%" in captured.out
+
+
+def test_a_tiny_pipeline_without_data_keys_runs_offline_on_builtin(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    raw = {"model": "tiny", "output_dir": str(tmp_path / "run"), "device": "cpu", "progress": False,
+           "evaluation": {"seqlen": 32, "max_windows": 1}}
+    result = run_pipeline(load_config(raw))
+    resolved = yaml.safe_load((result.output_dir / "config.resolved.yaml").read_text())
+    assert resolved["calibration"]["dataset"] == resolved["evaluation"]["dataset"] == "builtin"
+    assert result.rows[0].name == "dense" and result.rows[0].perplexity > 1
+
+
+def test_eval_history_is_read_from_the_trainer_log(tmp_path):
+    from prunetune.pipeline.recovery import eval_history, loss_history
+
+    log = [{"eval_loss": 3.0, "step": 0}, {"loss": 2.9, "step": 1}, {"loss": 2.8, "step": 2}, {"eval_loss": 2.5, "step": 2},
+           {"train_runtime": 1.0, "step": 2}]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": log}))
+    assert eval_history(tmp_path) == [(0, pytest.approx(20.0855, rel=1e-4)), (2, pytest.approx(12.1825, rel=1e-4))]
+    assert loss_history(tmp_path) == [(1, 2.9), (2, 2.8)]
+    assert eval_history(tmp_path / "missing") == []
+
+
+def test_the_dense_reference_scores_the_trainers_blocks_as_the_trainer_does():
+    """HeldOutBlocks' perplexity on the blocks the Trainer evaluated equals exp(the Trainer's eval_loss) for a model."""
+    import math
+
+    import torch
+    from factories import make_model, random_tokens
+
+    from prunetune.pipeline.held_out import HeldOutBlocks
+
+    model, blocks = make_model("llama"), random_tokens(6, 16)
+    batches = [{"input_ids": blocks[i : i + 2], "labels": blocks[i : i + 2].clone()} for i in range(0, 6, 2)]
+    held_out = HeldOutBlocks()
+    held_out.on_evaluate(None, None, None, eval_dataloader=batches)
+    assert torch.equal(held_out.input_ids, blocks)
+    with torch.no_grad():  # the Trainer's eval_loss: the mean of the per-batch losses (equal batches)
+        eval_loss = sum(float(model(**batch).loss) for batch in batches) / len(batches)
+    assert held_out.perplexity(model, batch_size=4) == pytest.approx(math.exp(eval_loss), rel=1e-5)
+
+    masked = HeldOutBlocks()  # labels that differ from the inputs: no reference rather than a wrong one
+    masked.on_evaluate(None, None, None, eval_dataloader=[{"input_ids": blocks, "labels": torch.full_like(blocks, -100)}])
+    assert masked.input_ids is None
+
+
+def test_a_recipe_whose_trainer_cannot_evaluate_trains_without_the_curve(small_setup, tmp_path, monkeypatch, caplog):
+    """eval_steps with a recipe that gives its Trainer no held-out data: a warning, training as before, no curve."""
+    import logging
+
+    import prunetune.recover.recipe as recipe
+
+    real, calls = recipe.recover, []
+
+    def recover_without_eval_data(model_args, data_args, recovery_args, training_args, callbacks=None):
+        calls.append(training_args.eval_strategy)
+        if training_args.eval_strategy != "no":  # what transformers' Trainer raises without an eval_dataset
+            raise ValueError("You have set `args.eval_strategy` to steps but you didn't pass an `eval_dataset` to `Trainer`.")
+        return real(model_args, data_args, recovery_args, training_args, callbacks)
+
+    monkeypatch.setattr(recipe, "recover", recover_without_eval_data)
+    _, raw = small_setup
+    raw = {**raw, "output_dir": str(tmp_path / "run"), "prune": raw["prune"][1:], "reconstruction_windows": 0,
+           "recover": [{**raw["recover"][0], "methods": ["lora", "masked_lora"], "max_steps": 1}]}
+    with caplog.at_level(logging.WARNING, logger="prunetune.pipeline"):
+        result = run_pipeline(load_config(raw))
+    assert [str(c).split(".")[-1].lower() for c in calls] == ["steps", "no", "no"]  # tried once, then never again
+    assert sum("no held-out data" in r.getMessage() for r in caplog.records) == 1
+    assert not (result.output_dir / "perplexity_curve.png").exists() and (result.output_dir / "loss_curves.png").exists()

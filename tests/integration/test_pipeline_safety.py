@@ -26,7 +26,8 @@ HOUR_AGO_NS = (time.time() - 3600) * 10**9
 
 
 def _text(seed: int, length: int = 8000) -> str:
-    return "".join(chr(32 + (i * i * 7 + i * seed + seed) % 90) for i in range(length))
+    chars = "".join(chr(32 + (i * i * 7 + i * seed + seed) % 90) for i in range(length))
+    return "\n".join(chars[i : i + 100] for i in range(0, length, 100))  # lines: a held-out part splits off
 
 
 def _age(*paths):
@@ -63,7 +64,7 @@ def setup(model_dir, tmp_path):
     return files, config
 
 
-ALL_STAGES = ["dense", "prune magnitude 50%", "prune wanda 50%", "recover wanda 50% + lora"]
+ALL_STAGES = ["dense", "prune magnitude 50%", "prune wanda 50%", "recover wanda 50% + lora", "per-layer error"]
 
 
 def _perplexities(result) -> dict:
@@ -74,8 +75,9 @@ def _perplexities(result) -> dict:
 
 
 @pytest.mark.parametrize("edited, rerun, changed_row", [
-    ("training", ["recover wanda 50% + lora"], "wanda 50% + lora"),
-    ("calibration", ["prune wanda 50%", "recover wanda 50% + lora"], "wanda 50%"),  # magnitude reads no data
+    ("training", ["recover wanda 50% + lora", "per-layer error"], "wanda 50% + lora"),
+    # magnitude reads no data; the per-layer error runs on calibration windows
+    ("calibration", ["prune wanda 50%", "recover wanda 50% + lora", "per-layer error"], "wanda 50%"),
     ("evaluation", ALL_STAGES, "dense"),
 ])
 def test_editing_a_data_file_reruns_the_stages_that_read_it(setup, edited, rerun, changed_row):
@@ -253,11 +255,12 @@ def test_runs_sharing_stages_keep_their_own_reports(setup, tmp_path):
     _, raw = setup
     base = {**raw, "recover": [], "prune": raw["prune"][:1], "output_dir": str(tmp_path / "first")}
     first = run_pipeline(load_config(base))
-    assert first.executed == ["dense", "prune magnitude 50%"]
+    assert first.executed == ["dense", "prune magnitude 50%", "per-layer error"]
     extended = {**base, "title": "extended", "output_dir": str(tmp_path / "second"), "stages_dir": "../first/stages",
                 "prune": raw["prune"]}
     second = run_pipeline(load_config(extended))
-    assert second.executed == ["prune wanda 50%"] and second.reused == ["dense", "prune magnitude 50%"]
+    assert second.executed == ["prune wanda 50%", "per-layer error"] and second.reused == ["dense", "prune magnitude 50%"]
+    assert run_pipeline(load_config(base)).executed == []  # each set of configurations keeps its own per-layer error
     assert not (tmp_path / "second" / "stages").exists() and (tmp_path / "first" / "stages" / "prune_wanda_50pct").is_dir()
     assert "wanda 50%" not in (tmp_path / "first" / "report.md").read_text()  # not overwritten
     assert "wanda 50%" in (tmp_path / "second" / "report.md").read_text()

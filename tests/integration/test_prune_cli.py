@@ -64,3 +64,35 @@ def test_prune_tiny_end_to_end(tmp_path, capsys, schedule):
     assert set(manifest["sparsity"]["per_module"].values()) == {0.5} and "versions" in manifest
     assert main(["sparsity", str(model_dir), "--json", str(tmp_path / "s.json")]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["overall"] == pytest.approx(0.5)
+
+
+@pytest.mark.skipif(not TINY_READY, reason=f"the bundled tiny model is not trained yet ({TINY_PATH / 'model.safetensors'} missing)")
+def test_prune_measures_perplexity_by_default_as_wanda_main_does(tmp_path, capsys):
+    common = ["prune", "--model", "tiny", "--prune_method", "magnitude", "--device", "cpu", "--eval_max_windows", "2"]
+    assert main([*common, "--save", str(tmp_path / "default")]) == 0  # no --eval_dataset: tiny's default, builtin
+    out = capsys.readouterr().out
+    assert "perplexity on builtin (" in out and "before" in out and "after" in out
+    evaluation = json.loads((tmp_path / "default" / "prune_report.json").read_text())["evaluation"]
+    assert evaluation["dataset"] == "builtin" and evaluation["after"]["windows"] == 2
+    assert evaluation["after"]["perplexity"] > evaluation["before"]["perplexity"]
+
+    assert main([*common, "--eval_dataset", "none", "--save", str(tmp_path / "none")]) == 0
+    assert "perplexity on" not in capsys.readouterr().out
+    assert "evaluation" not in json.loads((tmp_path / "none" / "prune_report.json").read_text())
+
+
+def test_prune_without_reachable_default_data_notes_it_and_prunes(tmp_path, capsys, monkeypatch):
+    """A model not made from tiny defaults to WikiText-2; offline and uncached, that is a note, not a lost run."""
+    from factories import save_model_folder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-home" / "datasets"))
+    save_model_folder(tmp_path / "model", "llama")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}: " + "abcdefghij" * 8 for i in range(200)))
+    assert main(["prune", "--model", str(tmp_path / "model"), "--prune_method", "wanda", "--calib_dataset", str(corpus),
+                 "--nsamples", "2", "--seqlen", "32", "--device", "cpu", "--save", str(tmp_path / "out")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "perplexity not measured: the default evaluation data wikitext2" in out and "--eval_dataset" in out
+    assert "sparsity 0.5000" in out and (tmp_path / "out" / "prune_report.json").exists()

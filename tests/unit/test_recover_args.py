@@ -130,3 +130,84 @@ def test_argument_file_types_and_unknown_flags(tmp_path):
         parse(f"--model_name_or_path tiny --output_dir {tmp_path} --lora-rnk 4".split())
     with pytest.raises(UsageError, match="invalid int value: 'eight'"):
         parse(f"--model_name_or_path tiny --output_dir {tmp_path} --lora_r eight".split())
+
+
+# ---- run_clm.py's flags (issue 10, item 1)
+
+RUN_CLM = ("--model_name_or_path PRUNED --config_name CFG --train_file {data} --validation_split_percentage 10 "
+           "--preprocessing_num_workers 4 --torch_dtype float32 --low_cpu_mem_usage --use_fast_tokenizer "
+           "--keep_linebreaks --overwrite_cache --num_train_epochs 1 --block_size 1024 --per_device_train_batch_size 1 "
+           "--per_device_eval_batch_size 8 --do_train --do_eval --max_train_samples 30000 --max_eval_samples 128 "
+           "--learning_rate 1e-4 --gradient_checkpointing --overwrite_output_dir --output_dir {out}")
+
+
+def test_run_clm_command_line_parses_with_its_meaning(tmp_path):
+    data = tmp_path / "docs.txt"
+    data.write_text("some text\n")
+    model, data_args, _, training = parse(RUN_CLM.format(data=data, out=tmp_path / "o").split())
+    assert (data_args.train_file, data_args.dataset_name, data_args.training_source) == (str(data), None, str(data))
+    assert data_args.training_flag == "--train_file" and data_args.validation_split_percentage == 10
+    assert data_args.preprocessing_num_workers == 4 and data_args.keep_linebreaks and data_args.overwrite_cache
+    assert model.dtype == "float32" and model.low_cpu_mem_usage and model.use_fast_tokenizer
+    assert training.activation_checkpointing is True  # run_clm's name, no deprecation warning
+    defaults = parse(f"--model_name_or_path tiny --output_dir {tmp_path}".split())[1]
+    assert defaults.validation_split_percentage == 5 and defaults.validation_split == "validation"
+
+
+def test_gradient_checkpointing_is_taken_without_a_deprecation_warning(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        *_, training = parse(f"--model_name_or_path tiny --output_dir {tmp_path} --gradient_checkpointing".split())
+    assert training.activation_checkpointing and training.gradient_checkpointing
+
+
+@pytest.mark.parametrize("flags, message", [
+    ("--use_fast_tokenizer false", "--use_fast_tokenizer false is not supported: .*fast"),
+    ("--keep_linebreaks false", "--keep_linebreaks false is not supported: .*line breaks"),
+    ("--torch_dtype float16 --dtype bfloat16", "--torch_dtype float16 and --dtype bfloat16 disagree"),
+    ("--torch_dtype int8", "Unknown --torch_dtype 'int8'"),
+    ("--validation_split_percentage 100", "--validation_split_percentage 100.0 is not accepted"),
+    ("--validation_split_percentage -1", "--validation_split_percentage -1.0 is not accepted"),
+    ("--validation_split train", "--validation_split 'train' is not accepted: evaluation never scores the training"),
+    ("--preprocessing_num_workers 0", "--preprocessing_num_workers 0 must be a positive integer"),
+    ("--train_file c4", "--train_file 'c4' names a dataset, not a file.*--dataset_name c4"),
+    ("--train_file /no/such/docs.txt", "--train_file /no/such/docs.txt does not exist"),
+    ("--validation_file /no/such/val.txt", "--validation_file /no/such/val.txt does not exist"),
+    ("--dataset_name builtin --train_file {data}", "--dataset_name builtin and --train_file .* both name the training text"),
+    ("--train_file {data}.csv", "unsupported file type"),
+])
+def test_run_clm_flags_refused_by_name(flags, message, tmp_path):
+    data = tmp_path / "docs.txt"
+    data.write_text("some text\n")
+    (tmp_path / "docs.txt.csv").write_text("a,b\n")
+    with pytest.raises(UsageError, match=message):
+        parse(f"--model_name_or_path tiny --output_dir {tmp_path / 'o'} {flags.format(data=data)}".split())
+
+
+def test_torch_dtype_equal_to_dtype_is_fine(tmp_path):
+    model, *_ = parse(f"--model_name_or_path tiny --output_dir {tmp_path} --torch_dtype bf16 --dtype bf16".split())
+    assert model.dtype == "bf16"
+
+
+# ---- small things (issue 10, item 8)
+
+def test_max_steps_zero_is_a_clear_error_and_one_step_is_singular(tmp_path):
+    from prunetune.commands.recover import summary
+    from prunetune.recover.recipe import RecoveryResult
+
+    with pytest.raises(UsageError, match="--max_steps 0 is not accepted: the Trainer would read it as no limit and train "
+                                         "--num_train_epochs 3 epochs"):
+        parse(f"--model_name_or_path tiny --output_dir {tmp_path} --max_steps 0".split())
+    *_, training = parse(f"--model_name_or_path tiny --output_dir {tmp_path} --max_steps 0 --do_train false --do_eval".split())
+    assert not training.do_train  # evaluating only: no steps to count
+    result = RecoveryResult(method="lora", model="m", output_dir="o", dataset="builtin", block_size=8, steps=1, tokens=8,
+                            train_seconds=1.0, tokens_per_second=8.0, train_loss=1.0, training_text="builtin train split")
+    assert "trained 1 step on builtin train split," in summary(result)
+
+
+def test_recovery_defaults_for_bars_and_evaluation(tmp_path):
+    *_, training = parse(f"--model_name_or_path tiny --output_dir {tmp_path}".split())
+    # bars by default, whatever the transformers log level; the Trainer's evaluation keeps only its loss
+    assert training.disable_tqdm is False and training.prediction_loss_only is True

@@ -2,13 +2,7 @@
 
 import pytest
 
-from prunetune.report import (
-    ReportData,
-    ResultRow,
-    markdown_table,
-    terminal_table,
-    write_report,
-)
+from prunetune.report import RecoveryCurve, ReportData, ResultRow, markdown_table, terminal_table, write_report
 
 
 def _rows(kind="rss"):
@@ -61,3 +55,29 @@ def test_sparsity_column_is_the_evaluated_weights_and_notes_are_shown():
 def test_write_report(tmp_path):
     path = write_report(ReportData("t", rows=_rows()), tmp_path)
     assert "peak memory (CPU: RSS increase)" in path.read_text()
+
+
+def _curve(start: float, dense: float | None) -> RecoveryCurve:
+    return RecoveryCurve(loss=[(512 * step, 3.0 - 0.01 * step) for step in range(1, 31)],
+                         perplexity=[(512 * step, start - 0.1 * step) for step in range(0, 31, 5)],
+                         dense_perplexity=dense, text="builtin validation split; 32 windows of 256 tokens")
+
+
+def test_report_plots_what_varies(tmp_path):
+    """Held-out perplexity against tokens (pruned at 0, dense on the same blocks) and per-layer errors, not sparsity."""
+    (tmp_path / "sparsity_heatmap.png").write_bytes(b"from an earlier version")
+    errors = {name: {f"model.layers.{b}.{kind}": 0.1 * (b + 1) + shift for b in range(2) for kind in ("self_attn.q_proj", "mlp.down_proj")}
+              for shift, name in enumerate(["wanda 50%", "wanda 50% + lora", "wanda 50% + masked_lora"])}
+    data = ReportData("t", rows=_rows(), curves={"wanda 50% + lora": _curve(30, 25), "wanda 50% + masked_lora": _curve(31, 25)},
+                      errors=errors, error_source="4 calibration windows x 256 tokens of builtin")
+    report = write_report(data, tmp_path).read_text()
+    for name in ("perplexity.png", "perplexity_curve.png", "loss_curves.png", "reconstruction_error.png"):
+        assert (tmp_path / name).stat().st_size > 10_000 and f"]({name})" in report, name
+    assert not (tmp_path / "sparsity_heatmap.png").exists()
+    assert "builtin validation split; 32 windows of 256 tokens" in report and "dense model on the same blocks" in report
+    assert "4 calibration windows x 256 tokens of builtin" in report
+
+    # different held-out blocks per run (dense lines of their own), a run without a curve, no errors: still a report
+    data = ReportData("t", rows=_rows(), curves={"a": _curve(30, 25), "b": _curve(31, 26), "c": RecoveryCurve()})
+    report = write_report(data, tmp_path).read_text()
+    assert "perplexity_curve.png" in report and not (tmp_path / "reconstruction_error.png").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from prunetune.defaults import PAPER_DATA, default_data  # noqa: F401  (default_data: every command's data defaults)
 from prunetune.loading import DTYPES, LoadOptions, check_device
 
 
@@ -29,9 +30,9 @@ def load_options(args: argparse.Namespace) -> LoadOptions:
                        trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
 
 
-def default_dataset(model: str) -> str:
-    """The bundled model evaluates on the builtin corpus; real models on WikiText-2."""
-    return "builtin" if model == "tiny" else "wikitext2"
+# What --help says of a default data flag: the rule of prunetune.defaults.default_data.
+DEFAULT_DATA_HELP = {role: f"default: builtin for tiny and for models and adapters made from it (their prunetune.json "
+                            f"says so), else {paper}" for role, paper in PAPER_DATA.items()}
 
 
 def print_json(payload) -> None:

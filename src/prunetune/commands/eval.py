@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from prunetune.commands.common import add_model_arguments, default_dataset, load_options, print_json
-from prunetune.outputs import check_output_file
+from prunetune.commands.common import DEFAULT_DATA_HELP, add_model_arguments, default_data, load_options, print_json
 from prunetune.data import describe_sources
 from prunetune.errors import UsageError
+from prunetune.outputs import check_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunetune eval", description=__doc__)
     add_model_arguments(parser)
-    parser.add_argument("--dataset", default=None, help=f"evaluation data: {describe_sources()} (default: builtin for tiny, else wikitext2)")
+    parser.add_argument("--dataset", default=None, help=f"evaluation data: {describe_sources()} ({DEFAULT_DATA_HELP['evaluation']})")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split of builtin/local/wikitext2/ptb data (C4 always uses its validation shard)")
     parser.add_argument("--seqlen", "--ctx_length", dest="seqlen", type=int, default=None, help="window length (default: the model's context, capped at 2048)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
@@ -35,7 +35,7 @@ def _validate(args: argparse.Namespace):
     from prunetune.evaluate import check_window_options
 
     check_window_options(args.seqlen, args.batch_size, args.max_windows, flags=True)
-    dataset = args.dataset or default_dataset(args.model)
+    dataset = args.dataset or default_data("evaluation", args.model, args.lora_weights)
     check_source(dataset)
     if args.lora_weights:
         from prunetune.recover.adapter import read_adapter_config

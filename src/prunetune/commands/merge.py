@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from prunetune.commands.common import add_model_arguments, default_dataset, load_options, print_json
+from prunetune.commands.common import DEFAULT_DATA_HELP, add_model_arguments, default_data, load_options, print_json
 from prunetune.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument("--remask", action="store_true", help="plain LoRA: re-apply the pruned mask after merging")
     parser.add_argument("--overwrite_output_dir", "--overwrite", dest="overwrite", action="store_true",
                         help="replace an existing --save_model folder written by prunetune")
-    parser.add_argument("--dataset", default=None, help="data for the --remask perplexity check (default: builtin for tiny, else wikitext2)")
+    parser.add_argument("--dataset", default=None, help=f"data for the --remask perplexity check ({DEFAULT_DATA_HELP['evaluation']})")
     parser.add_argument("--seqlen", type=int, default=None, help="window length for the perplexity check (default: the model's context, capped at 2048)")
     parser.add_argument("--max_windows", type=int, default=None, help="score only the first N windows")
     parser.add_argument("--no_eval", action="store_true", help="skip the --remask perplexity check")
@@ -35,10 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dataset(args: argparse.Namespace) -> str:
+    return args.dataset or default_data("evaluation", args.model, args.adapter)
+
+
 def _perplexity(model, tokenizer, args) -> float:
     from prunetune.evaluate import autocast_for, default_seqlen, evaluate_dataset
 
-    result = evaluate_dataset(model, tokenizer, args.dataset or default_dataset(args.model), args.seqlen or default_seqlen(model),
+    result = evaluate_dataset(model, tokenizer, _dataset(args), args.seqlen or default_seqlen(model),
                               max_windows=args.max_windows, autocast_dtype=autocast_for(model), cache_dir=args.cache_dir)
     return result.perplexity
 
@@ -68,7 +72,7 @@ def _merge(args: argparse.Namespace) -> int:
     if args.remask and not args.no_eval:
         from prunetune.data import check_source
 
-        check_source(args.dataset or default_dataset(args.model))
+        check_source(_dataset(args))
     options = load_options(args)
     tokenizer = load_tokenizer(args.model, options)
     model = apply_adapter(load_model(args.model, options), args.adapter)

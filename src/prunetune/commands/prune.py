@@ -4,7 +4,10 @@ Accepts the Wanda repository's flags (``--model --prune_method --sparsity_ratio
 --sparsity_type --nsamples --seed --use_variant --cache_dir --save --save_model``), e.g.::
 
     prunetune prune --model tiny --prune_method wanda --sparsity_ratio 0.5 \\
-        --sparsity_type unstructured --eval_dataset builtin --save out/wanda --save_model out/wanda/model
+        --sparsity_type unstructured --save out/wanda --save_model out/wanda/model
+
+Like Wanda's main.py, it measures perplexity before and after pruning (on WikiText-2, or on
+builtin for the bundled model and models made from it); --eval_dataset none skips it.
 
 Everything is validated before the model is loaded; the layer shapes (N:M divisibility)
 right after, before any calibration work.
@@ -15,7 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from prunetune.commands.common import add_model_arguments, load_options
+from prunetune.commands.common import DEFAULT_DATA_HELP, add_model_arguments, default_data, load_options
 from prunetune.data import describe_sources
 from prunetune.errors import require
 
@@ -24,9 +27,8 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = "prune_report.json"
 
 
-def default_calibration(model: str) -> str:
-    """The bundled model calibrates offline on the builtin corpus; real models on C4."""
-    return "builtin" if model == "tiny" else "c4"
+NO_EVAL = "none"  # --eval_dataset none: prune without measuring perplexity
+EVAL_SPLIT = "test"  # perplexity before/after pruning: the test split, as Wanda's main.py
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--blocksize", type=int, default=None, help="SparseGPT: columns per mask block (default 128)")
     group.add_argument("--percdamp", type=float, default=None, help="SparseGPT: Hessian dampening, fraction of its mean diagonal (default 0.01)")
     calib = parser.add_argument_group("calibration")
-    calib.add_argument("--calib_dataset", default=None, help=f"calibration data: {describe_sources()} (default: builtin for tiny, else c4)")
+    calib.add_argument("--calib_dataset", default=None, help=f"calibration data: {describe_sources()} ({DEFAULT_DATA_HELP['calibration']})")
     calib.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: %(default)s)")
     calib.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: the model's context, capped at 2048)")
     calib.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default: %(default)s)")
@@ -59,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "instead of about 1.8 (faster; keeps the activations of all batches at each layer input "
                             "of a block; masks differ from the papers' reference) -- wanda and sparsegpt")
     out = parser.add_argument_group("evaluation and outputs")
-    out.add_argument("--eval_dataset", default=None, help="measure perplexity on this data before and after pruning")
+    out.add_argument("--eval_dataset", default=None,
+                     help=f"measure perplexity on this data before and after pruning, as Wanda's main.py does: "
+                          f"{describe_sources()}, or {NO_EVAL} to skip ({DEFAULT_DATA_HELP['evaluation']})")
     out.add_argument("--eval_max_windows", type=int, default=None, help="score only the first N evaluation windows")
     out.add_argument("--eval_batch_size", type=int, default=8, help="evaluation windows per forward")
     out.add_argument("--save", default=None, help=f"results folder: {REPORT_NAME} is written there")
@@ -107,22 +111,43 @@ def _validate(args: argparse.Namespace):
     require(args.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {args.eval_batch_size}.")
     config = PruneConfig(method=args.prune_method, sparsity_ratio=args.sparsity_ratio, sparsity_type=args.sparsity_type,
                          use_variant=args.use_variant, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                         calib_dataset=args.calib_dataset or default_calibration(args.model), batch_size=args.batch_size,
+                         calib_dataset=args.calib_dataset or default_data("calibration", args.model), batch_size=args.batch_size,
                          device=args.compute_device, offload_activations=args.offload_activations,
                          true_sequential=args.true_sequential,
                          targets=args.targets, ignore=args.ignore, options=options, cache_dir=args.cache_dir, progress=True)
-    if args.eval_dataset:
+    args.eval_defaulted = args.eval_dataset is None
+    if args.eval_defaulted:
+        args.eval_dataset = default_data("evaluation", args.model)
+    if args.eval_dataset.lower() == NO_EVAL:
+        args.eval_dataset = None
+    else:
         check_source(args.eval_dataset)
     _check_outputs(args)
     return config
 
 
-def _perplexity(model, tokenizer, args, seqlen: int):
+def _perplexity(model, tokenizer, args, seqlen: int, when: str):
     from prunetune.evaluate import autocast_for, evaluate_dataset
 
-    return evaluate_dataset(model, tokenizer, args.eval_dataset, seqlen, batch_size=args.eval_batch_size,
+    return evaluate_dataset(model, tokenizer, args.eval_dataset, seqlen, batch_size=args.eval_batch_size, split=EVAL_SPLIT,
                             max_windows=args.eval_max_windows, progress=True, autocast_dtype=autocast_for(model),
-                            cache_dir=args.cache_dir)
+                            cache_dir=args.cache_dir, flag="--eval_dataset", desc=f"perplexity {when}")
+
+
+def _perplexity_before(model, tokenizer, args, seqlen: int):
+    """The perplexity before pruning; when the default data cannot be had (a hub dataset offline), a note
+    instead, and no evaluation: a perplexity the user did not ask for must not cost them the pruning."""
+    from prunetune.errors import UsageError
+
+    try:
+        return _perplexity(model, tokenizer, args, seqlen, "before")
+    except UsageError as err:
+        if not args.eval_defaulted:
+            raise
+        print(f"note: perplexity not measured: the default evaluation data {args.eval_dataset} cannot be used here "
+              f"({' '.join(str(err).split())}) Give --eval_dataset (e.g. a local text file), or --eval_dataset none.")
+        args.eval_dataset = None
+        return None
 
 
 def main(argv: list[str]) -> int:
@@ -150,11 +175,11 @@ def _run(args: argparse.Namespace, config) -> int:
     model = load_model(args.model, options)
     check_layers(model, config)  # N:M divisibility, missing blocks: before any work
     eval_seqlen = config.seqlen or default_seqlen(model)
-    before = _perplexity(model, tokenizer, args, eval_seqlen) if args.eval_dataset else None
+    before = _perplexity_before(model, tokenizer, args, eval_seqlen) if args.eval_dataset else None
 
     report = prune(model, tokenizer, config)
 
-    after = _perplexity(model, tokenizer, args, eval_seqlen) if args.eval_dataset else None
+    after = _perplexity(model, tokenizer, args, eval_seqlen, "after") if args.eval_dataset else None
     payload = {"model": args.model, **report.to_dict()}
     if args.eval_dataset:
         payload["evaluation"] = {"dataset": args.eval_dataset, "before": before.to_dict(), "after": after.to_dict()}
@@ -163,7 +188,7 @@ def _run(args: argparse.Namespace, config) -> int:
     print(f"{report.method} {report.sparsity_type} (ratio {report.sparsity_ratio:g}) on {args.model}: "
           f"sparsity {report.sparsity.overall:.4f}, {report.seconds:.1f}s")
     if args.eval_dataset:
-        print(f"perplexity on {args.eval_dataset}: {before.perplexity:.3f} before, {after.perplexity:.3f} after")
+        print(f"perplexity on {args.eval_dataset} ({after.text}): {before.perplexity:.3f} before, {after.perplexity:.3f} after")
     report_in_model = bool(args.save and args.save_model and _same_folder(args.save, args.save_model))
     if args.save and not report_in_model:
         write_json(Path(args.save) / REPORT_NAME, payload)

@@ -1,18 +1,24 @@
 """``prunetune recover``: win back a pruned model's accuracy without losing its sparsity.
 
-Takes the Wanda LoRA recipe's flags (HfArgumentParser over model / data / recovery /
-TrainingArguments dataclasses), or one .yaml/.json file of the same keys::
+Takes the Wanda LoRA recipe's and run_clm.py's flags (HfArgumentParser over model / data /
+recovery / TrainingArguments dataclasses), or one .yaml/.json file of the same keys::
 
-    prunetune recover --model_name_or_path PRUNED --dataset_name c4 --block_size 1024 \\
+    prunetune recover --model_name_or_path PRUNED --train_file docs.txt --block_size 1024 \\
         --do_train --do_eval --max_train_samples 30000 --learning_rate 1e-4 \\
         --recovery_method masked_lora --output_dir OUT
     prunetune recover recover.yaml
+
+``--help`` lists prunetune's options and the Trainer's few that matter, ``--help-all`` every one.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import enum
+import re
+import shutil
 import types
 import typing
 from typing import Union, get_args, get_origin
@@ -21,15 +27,154 @@ from prunetune.errors import UsageError
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
+USAGE = ("prunetune recover --model_name_or_path PRUNED --output_dir OUT [options]\n"
+         "       prunetune recover ARGS.yaml   (the same keys, without the leading --)")
+
+DESCRIPTION = """\
+Recover a pruned model's accuracy without losing its sparsity: train a LoRA
+adapter (lora), an adapter confined to the kept weights (masked_lora) or the
+kept weights themselves (full) with the transformers Trainer, then check that
+every pruned weight is still zero. Takes the flags of the Wanda LoRA recipe and
+of run_clm.py. Perplexity is always scored on text the model did not train on.
+
+example:
+  prunetune recover --model_name_or_path PRUNED --train_file docs.txt \\
+      --block_size 1024 --max_train_samples 30000 --do_train --do_eval \\
+      --learning_rate 1e-4 --recovery_method masked_lora --output_dir OUT"""
+
+EPILOG = """\
+output: a progress bar per training run (loss, tokens/s, time left) and per
+  evaluation, then a summary. More: -v (prunetune -v recover ...) also logs the
+  Trainer's metrics at every logging step (-vv: debug). Less: -q hides the bars
+  and the warnings.
+switches (--do_eval, --fp16, ...) take an optional true/false: --do_train false.
+run_clm.py's other flags work too: --torch_dtype (same as --dtype), --streaming;
+  --dataset_config_name, --preprocessing_num_workers, --low_cpu_mem_usage,
+  --overwrite_cache, --use_fast_tokenizer and --keep_linebreaks change nothing
+  here (--help-all says why for each).
+--help-all lists every option, the {others} other Trainer options included."""
+
 
 def build_parser():
     from transformers import HfArgumentParser
 
     from prunetune.recover.args import ARGUMENT_CLASSES
 
-    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="prunetune recover", description=__doc__)
+    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="prunetune recover", usage=USAGE, description=DESCRIPTION)
     parser.error = _argument_error  # one paragraph instead of argparse's 150-line usage dump
+    parser.format_help = lambda: format_help(parser, full=False)
+    parser.add_argument("--help-all", "--help_all", action=_HelpAll, help="Every option, the Trainer's included.")
     return parser
+
+
+class _HelpAll(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(format_help(parser, full=True))
+        parser.exit()
+
+
+# --------------------------------------------------------------------------- help
+
+
+def help_groups(full: bool) -> list[tuple[str, list[str]]]:
+    """(title, field names) of the help: prunetune's options first, then the Trainer's."""
+    from prunetune.recover.args import (
+        RUN_CLM_ONLY,
+        TRAINER_OPTIONS,
+        DataArguments,
+        ModelArguments,
+        RecoveryArguments,
+        RecoveryTrainingArguments,
+    )
+
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.init and (full or f.name not in RUN_CLM_ONLY)]
+
+    groups = [
+        ("model", names(ModelArguments)),
+        ("data", names(DataArguments)),
+        ("recovery", names(RecoveryArguments)),
+        ("training (the Trainer's options that matter here; --help-all: all)", list(TRAINER_OPTIONS)),
+    ]
+    if full:
+        featured = set(TRAINER_OPTIONS)
+        groups.append(("other Trainer options (transformers.TrainingArguments)",
+                       [n for n in names(RecoveryTrainingArguments) if n not in featured]))
+    return groups
+
+
+def _plain(text: str) -> str:
+    """Help text without reStructuredText / Markdown markup: ``x``, `x`, [`~a.b.X`] -> x, X."""
+    text = re.sub(r"\[`~?([\w.]+)`\]", lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    text = re.sub(r"``([^`]*)``", r"\1", text)
+    return re.sub(r"`([^`]*)`", r"\1", text)
+
+
+def _default_text(value) -> str | None:
+    """How a default reads in the help, or None when there is nothing to say."""
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if value is None or value is False or value == "" or value == [] or value is argparse.SUPPRESS:
+        return None
+    return str(value).replace("%", "%%")
+
+
+def _metavar(action) -> str | None:
+    if action.nargs == "?" and action.const is True:  # HfArgumentParser's booleans: --flag [true|false]
+        return None if action.default in (False, None) else "BOOL"
+    if getattr(action.type, "__name__", "") == "string_to_bool":
+        return "BOOL"
+    if action.choices and len(action.choices) <= 6:
+        return "{" + ",".join(str(c) for c in action.choices) + "}"
+    if action.type is int:
+        return "N"
+    if action.type is float:
+        return "X"
+    if action.dest.endswith(("_dir", "_file", "_or_path", "_name", "_checkpoint")):
+        return "PATH" if not action.dest.startswith(("dataset", "run", "hub", "project")) else "NAME"
+    return "VALUE"
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Never breaks inside a flag, path or URL: help is copied from."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
+
+
+def format_help(parser, full: bool) -> str:
+    """``prunetune recover --help`` (``full``: ``--help-all``), as plain text grouped by purpose."""
+    actions = {a.dest: a for a in parser._actions if f"--{a.dest}" in a.option_strings}
+    columns = min(shutil.get_terminal_size((100, 24)).columns, 100)
+    featured_and_ours = {name for _, names in help_groups(full=True)[:4] for name in names}
+    display = argparse.ArgumentParser(
+        prog="prunetune recover", usage=USAGE, description=DESCRIPTION, add_help=False,
+        epilog=EPILOG.format(others=sum(1 for d in actions if d not in featured_and_ours)),
+        formatter_class=lambda prog: _Formatter(prog, max_help_position=30, width=columns))
+    for title, names in help_groups(full):
+        group = display.add_argument_group(title)
+        for name in names:
+            action = actions.get(name)
+            if action is None:
+                continue
+            text = _plain(action.help or "")
+            default = _default_text(action.default)
+            if default is not None and "default" not in text.lower():
+                text += f" (default: {default})"
+            metavar = _metavar(action)
+            if metavar is None:
+                group.add_argument(f"--{name}", action="store_true", help=text)
+            else:
+                group.add_argument(f"--{name}", metavar=metavar, help=text)
+    group = display.add_argument_group("help")
+    group.add_argument("-h", "--help", action="store_true", help="This help.")
+    group.add_argument("--help-all", action="store_true", help="Every option, the Trainer's included.")
+    return display.format_help()
 
 
 def _argument_error(message: str):
@@ -48,12 +193,20 @@ def parse(argv: list[str]):
     if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
         from prunetune.config import load_mapping
 
-        return parse_mapping(parser, load_mapping(argv[0]), argv[0])
-    # Unknown flags first: otherwise a misspelt --output_dir reads as a missing one.
-    _, remaining = parser.parse_known_args(args=argv)
-    if remaining:
-        raise UsageError(_unknown_argument(parser, remaining))
-    return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parse_mapping(parser, load_mapping(argv[0]), argv[0])
+    else:
+        # Unknown flags first: otherwise a misspelt --output_dir reads as a missing one.
+        _, remaining = parser.parse_known_args(args=argv)
+        if remaining:
+            raise UsageError(_unknown_argument(parser, remaining))
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    training = parsed[-1]
+    if training.do_train and training.max_steps == 0:
+        # The Trainer reads 0 as "no step limit" and trains every epoch: never what --max_steps 0 means.
+        raise UsageError("--max_steps 0 is not accepted: the Trainer would read it as no limit and train "
+                         f"--num_train_epochs {training.num_train_epochs:g} epochs. Give the number of steps to train "
+                         "(1 or more), -1 to train by epochs, or --do_train false --do_eval to evaluate only.")
+    return parsed
 
 
 def _option_strings(parser) -> list[str]:
@@ -154,25 +307,41 @@ def _gib(n: int) -> str:
 def summary(result) -> str:
     lines = [f"recovery_method {result.method} on {result.model} -> {result.output_dir}"]
     if result.steps:
-        lines.append(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.train_seconds:.1f} s: "
+        steps = "1 step" if result.steps == 1 else f"{result.steps} steps"
+        lines.append(f"trained {steps} on {result.training_text or result.dataset}, {result.tokens:,} tokens in "
+                     f"{result.train_seconds:.1f} s: "
                      f"{result.tokens_per_second:,.0f} tokens/s, peak memory {_gib(result.peak_memory_bytes)} "
                      f"({result.peak_memory_kind}), train loss {result.train_loss:.4f}")
     lines.append(f"sparsity {result.sparsity_before:.4f} before, {result.sparsity_after:.4f} after"
                  + (f", {result.merged_sparsity:.4f} if merged" if result.merged_sparsity is not None else ""))
     if result.perplexity_before is not None or result.perplexity_after is not None:
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        lines.append(f"perplexity ({result.dataset}): {fmt(result.perplexity_before)} before, {fmt(result.perplexity_after)} after")
+        lines.append(f"perplexity on {result.evaluation_text or result.eval_dataset}: {fmt(result.perplexity_before)} "
+                     f"before, {fmt(result.perplexity_after)} after")
     if result.method != "full" and result.steps:
         lines.append(f"merge: prunetune merge --model {result.model} --adapter {result.output_dir} --save_model MERGED"
                      + (" (plain LoRA densifies: add --remask or --allow_dense)" if result.method == "lora" else ""))
     return "\n".join(lines)
 
 
+QUIET = ("-q", "--quiet")
+
+
 def main(argv: list[str]) -> int:
+    from prunetune.cli import configure_logging, progress_bars
+
+    if any(flag in QUIET for flag in argv):  # prunetune recover -q ..., as prunetune -q recover ...
+        argv = [flag for flag in argv if flag not in QUIET]
+        configure_logging(-1)
     model_args, data_args, recovery_args, training_args = parse(argv)
+    if not progress_bars():
+        training_args.disable_tqdm = True
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from prunetune.recover.recipe import recover
 
-    result = recover(model_args, data_args, recovery_args, training_args)
+    with logging_redirect_tqdm():  # log lines (-v) above the bars instead of through them
+        result = recover(model_args, data_args, recovery_args, training_args)
     if training_args.process_index == 0:
         print(summary(result))
     return 0

@@ -3,8 +3,11 @@
 Parsed by ``transformers.HfArgumentParser`` so the Wanda LoRA recipe's command line works
 unchanged (``--model_name_or_path ... --config_name ... --dataset_name c4 --block_size 1024
 --do_train --do_eval --max_train_samples ... --overwrite_output_dir --output_dir OUT``), and a
-single ``.yaml`` / ``.json`` file of the same keys works too. Each field's ``help`` is the CLI
-help. Values are checked in ``__post_init__``, before anything is loaded.
+single ``.yaml`` / ``.json`` file of the same keys works too. ``run_clm.py``'s data and model
+flags (``--train_file``, ``--validation_split_percentage``, ``--torch_dtype``, ...) keep their
+meaning; the few that cannot apply here are refused by name. Each field's ``help`` is the CLI
+help, written as plain text (``prunetune recover --help`` prints it as is). Values are checked
+in ``__post_init__``, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+from transformers.training_args import OptimizerNames
 
 from prunetune.errors import UsageError, require
 
@@ -25,7 +30,15 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-SPLITS = ("train", "validation", "test")
+
+
+# Evaluation never scores the training text, so "train" is not an evaluation split here.
+EVAL_SPLITS = ("validation", "test")
+
+# run_clm.py flags accepted so its command lines run, rarely needed here (most change nothing):
+# `prunetune recover --help` names them in one line, `--help-all` describes each.
+RUN_CLM_ONLY = ("torch_dtype", "low_cpu_mem_usage", "use_fast_tokenizer", "dataset_config_name",
+                "preprocessing_num_workers", "keep_linebreaks", "overwrite_cache", "streaming")
 
 
 @dataclass
@@ -33,37 +46,73 @@ class ModelArguments:
     """Which pruned model to recover (the run_clm.py names)."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "The pruned model: a local folder (from `prunetune prune`), a hub id, or 'tiny'."}
+        default=None, metadata={"help": "The pruned model: a folder from prunetune prune, a hub id, or tiny."}
     )
     config_name: str | None = field(
         default=None,
-        metadata={"help": "Config of the unpruned model (the seed passes it). A local folder is checked against the "
-                          "model's own config; a hub id is recorded only (the pruned folder already holds its config)."},
+        metadata={"help": "Config of the unpruned model (the seed passes it): a folder is checked against the "
+                          "model's config, a hub id recorded only."},
     )
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer to use (default: the model's)."})
     cache_dir: str | None = field(default=None, metadata={"help": "Hugging Face cache folder."})
     dtype: str = field(
         default="auto",
-        metadata={"help": "Weights dtype. auto: bfloat16 for the frozen base of lora/masked_lora on CUDA, float32 "
-                          "otherwise (full keeps float32 master weights and trains under bf16 autocast on CUDA)."},
+        # full keeps float32 master weights under auto and trains under bf16 autocast on CUDA
+        metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16 (--torch_dtype: the same). auto: "
+                          "bfloat16 for an adapter's frozen base on CUDA, float32 otherwise."},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with a hub model (off: it executes remote code)."})
+    torch_dtype: str | None = field(default=None, metadata={"help": "run_clm.py's name for --dtype; the same values."})
+    low_cpu_mem_usage: bool = field(
+        default=False,
+        metadata={"help": "Accepted for run_clm.py command lines; changes nothing: transformers 5 always loads the "
+                          "weights without a second copy in memory."},
+    )
+    use_fast_tokenizer: bool = field(
+        default=True,
+        metadata={"help": "Use the model's fast (Rust) tokenizer, as run_clm.py does by default. false is refused: "
+                          "prunetune tokenizes with the fast tokenizer only."},
+    )
 
     def __post_init__(self):
         require(bool(self.model_name_or_path), "--model_name_or_path is required: the pruned model folder, a hub id, or 'tiny'.")
         from prunetune.loading import DTYPES
 
+        if self.torch_dtype is not None:
+            require(self.torch_dtype in DTYPES, f"Unknown --torch_dtype {self.torch_dtype!r}; accepted: {', '.join(DTYPES)}.")
+            require(self.dtype in ("auto", self.torch_dtype),
+                    f"--torch_dtype {self.torch_dtype} and --dtype {self.dtype} disagree; they are the same flag "
+                    "(run_clm.py's name and prunetune's): give one of them.")
+            self.dtype = self.torch_dtype
         require(self.dtype in DTYPES, f"Unknown --dtype {self.dtype!r}; accepted: {', '.join(DTYPES)}.")
+        require(self.use_fast_tokenizer is not False,
+                "--use_fast_tokenizer false is not supported: prunetune tokenizes with the model's fast (Rust) "
+                "tokenizer only; drop the flag.")
 
 
 @dataclass
 class DataArguments:
-    """Training and evaluation text."""
+    """Training and evaluation text (run_clm.py's names)."""
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Training data: builtin (offline corpus), wikitext2, c4, ptb, or a local .txt/.jsonl/.json/"
-                          ".parquet file or folder. Default: builtin for 'tiny', c4 (the seed's) otherwise."},
+        metadata={"help": "Training data: builtin (offline corpus), wikitext2, c4, ptb, or a local .txt/.jsonl/"
+                          ".json/.parquet file or folder. Default: builtin for tiny and models pruned from it, c4 "
+                          "(the seed's) otherwise."},
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "A local training text (.txt/.jsonl/.json/.parquet), instead of --dataset_name. "
+                          "Without --validation_file, part of it is held out for evaluation."},
+    )
+    validation_file: str | None = field(
+        default=None,
+        metadata={"help": "A local text for evaluation (then all of the training text trains)."},
+    )
+    validation_split_percentage: float = field(
+        default=5,
+        metadata={"help": "Percent of a local text without split files held out for evaluation, never trained "
+                          "on (default: 5). 0: none (--do_eval then needs --validation_file)."},
     )
     dataset_config_name: str | None = field(
         default=None,
@@ -71,12 +120,34 @@ class DataArguments:
                           "(c4: the papers' en shards; wikitext2: wikitext-2-raw-v1)."},
     )
     block_size: int | None = field(
-        default=None, metadata={"help": "Training sequence length (default: the model's context, capped at 1024)."}
+        default=None, metadata={"help": "Training sequence length in tokens. Default: the model's context, capped at 1024."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Score at most this many evaluation windows."})
     validation_split: str = field(
-        default="validation", metadata={"help": f"Split for --do_eval perplexity: {', '.join(SPLITS)} (C4: always its validation shard)."}
+        default="validation",
+        metadata={"help": f"Split scored by --do_eval: {' or '.join(EVAL_SPLITS)} (C4: its validation shard)."},
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Accepted for run_clm.py command lines; changes nothing: the fast tokenizer already "
+                          "tokenizes in parallel threads."},
+    )
+    keep_linebreaks: bool = field(
+        default=True,
+        metadata={"help": "Keep the line breaks of .txt files, as run_clm.py does by default. false is refused: "
+                          "prunetune reads a .txt file whole, line breaks included."},
+    )
+    overwrite_cache: bool = field(
+        default=False,
+        metadata={"help": "Accepted for run_clm.py command lines; changes nothing: the token cache is keyed on the "
+                          "tokenizer's and the text's content, so it never serves stale ids."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Read the training source as a stream instead of converting it first (hub sources, "
+                          "JSON/Parquet files named by split): for sources too large to store. Tokenizing stops "
+                          "after --max_train_samples blocks."},
     )
 
     def __post_init__(self):
@@ -85,11 +156,53 @@ class DataArguments:
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             require(value is None or (_is_int(value) and value > 0), f"--{name} {value!r} must be a positive number of blocks.")
-        require(self.validation_split in SPLITS, f"--validation_split {self.validation_split!r}; accepted: {', '.join(SPLITS)}.")
+        require(self.validation_split in EVAL_SPLITS,
+                f"--validation_split {self.validation_split!r} is not accepted: evaluation never scores the training "
+                f"text; accepted: {', '.join(EVAL_SPLITS)}." if self.validation_split == "train" else
+                f"--validation_split {self.validation_split!r}; accepted: {', '.join(EVAL_SPLITS)}.")
+        percent = self.validation_split_percentage
+        require(_is_number(percent) and 0 <= percent < 100,
+                f"--validation_split_percentage {percent!r} is not accepted: give a percentage from 0 (hold out "
+                "nothing) to below 100, e.g. 5.")
+        require(self.preprocessing_num_workers is None or (_is_int(self.preprocessing_num_workers)
+                                                           and self.preprocessing_num_workers > 0),
+                f"--preprocessing_num_workers {self.preprocessing_num_workers!r} must be a positive integer.")
+        require(self.keep_linebreaks is not False,
+                "--keep_linebreaks false is not supported: prunetune reads a .txt file whole, line breaks included; "
+                "drop the flag.")
+        if self.dataset_name is not None and self.train_file is not None:
+            raise UsageError(f"--dataset_name {self.dataset_name} and --train_file {self.train_file} both name the "
+                             "training text; give one of them (--validation_file names the evaluation text).")
         if self.dataset_name is not None:
             from prunetune.data import check_source
 
-            check_source(self.dataset_name)
+            check_source(self.dataset_name, "--dataset_name")
+        for flag in ("train_file", "validation_file"):
+            value = getattr(self, flag)
+            if value is not None:
+                _check_local_file(flag, value)
+
+    @property
+    def training_source(self) -> str | None:
+        """What trains: --train_file or --dataset_name (None: the model's default)."""
+        return self.train_file or self.dataset_name
+
+    @property
+    def training_flag(self) -> str:
+        """The option that named the training text (or that changes the default one), for messages."""
+        return "--train_file" if self.train_file else "--dataset_name"
+
+
+def _check_local_file(flag: str, value: str) -> None:
+    """``--train_file`` / ``--validation_file`` name local text, not a named source."""
+    from pathlib import Path
+
+    from prunetune.data import SOURCES, check_source
+
+    if value in SOURCES and not Path(value).exists():
+        raise UsageError(f"--{flag} {value!r} names a dataset, not a file: give a local .txt/.jsonl/.json/.parquet "
+                         f"file or folder, or use --dataset_name {value}.")
+    check_source(value, f"--{flag}")
 
 
 @dataclass
@@ -98,37 +211,35 @@ class RecoveryArguments:
 
     recovery_method: str = field(
         default="lora",
-        metadata={"help": "lora: PEFT LoRA on the frozen pruned model (merging densifies it). masked_lora: the update "
-                          "is confined to the kept weights, delta W = (B A) * M, so merging keeps the sparsity exactly. "
-                          "full: every kept weight trains; pruned weights stay exactly zero."},
+        metadata={"help": "lora (merging densifies), masked_lora (the update is masked: merging keeps the "
+                          "sparsity exactly) or full (every kept weight trains, pruned ones stay zero)."},
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: the update is scaled by alpha / r."})
     # None resolves per method: masked_lora's fused forward needs the adapter to see the
     # same input as the base weight; dropout there would cost a second full-size matmul.
     lora_dropout: float | None = field(
-        default=None, metadata={"help": "Dropout on the adapter's input. Default: 0.05 (the seed's) for lora, 0.0 for "
-                                        "masked_lora (any dropout disables its one-matmul forward, about 15%% more step time)."},
+        default=None, metadata={"help": "Dropout on the adapter's input. Default: 0.05 for lora, 0 for masked_lora "
+                                        "(dropout costs it about 15%% step time)."},
     )
     lora_target_modules: str = field(
         default="q_proj,v_proj",
-        metadata={"help": "Comma-separated layer names or globs inside each decoder block (q_proj, self_attn.*, ...), "
-                          "or all-linear."},
+        metadata={"help": "Layers inside each block: names or globs, comma-separated, or all-linear."},
     )
     allow_dense_finetune: bool = field(
         default=False,
-        metadata={"help": "Allow recovering a model without sparsity (then full is plain fine-tuning)."},
+        metadata={"help": "Allow a model without sparsity (full is then plain fine-tuning)."},
     )
     remask_after_step: str = field(
         default="auto",
-        metadata={"help": "full: zero the pruned weights after every optimizer step. auto: unless the optimizer is "
-                          "torch Adam/AdamW/SGD, which provably keep them zero under masked gradients (the guard "
-                          "verifies); always: every step (H100, 1.1B Llama: +3.3%% step time vs unmasked, against +1.6%% for auto)."},
+        # H100, 1.1B Llama: always costs +3.3% step time over unmasked training, auto +1.6%.
+        metadata={"help": "full: re-zero pruned weights after each step: auto (not needed for torch Adam/AdamW/SGD, "
+                          "which keep them zero) or always."},
     )
     eval_before_training: bool = field(
-        default=True, metadata={"help": "With --do_eval, also score the pruned model before training, to show the gain."}
+        default=True, metadata={"help": "With --do_eval, also score the model before training."}
     )
-    eval_seqlen: int | None = field(default=None, metadata={"help": "Window length for --do_eval perplexity (default: --block_size)."})
+    eval_seqlen: int | None = field(default=None, metadata={"help": "Perplexity window length. Default: --block_size."})
 
     def __post_init__(self):
         require(self.recovery_method in METHODS, f"Unknown --recovery_method {self.recovery_method!r}; accepted: {', '.join(METHODS)}.")
@@ -153,20 +264,69 @@ class RecoveryArguments:
         return self.recovery_method in ("lora", "masked_lora")
 
 
+def _trainer(name: str, help: str, **changes):
+    """A TrainingArguments field re-declared with plain-text help (and the Trainer's own default)."""
+    parent = TrainingArguments.__dataclass_fields__[name]
+    return field(default=changes.get("default", parent.default), metadata={**parent.metadata, "help": help})
+
+
+# The Trainer options `prunetune recover --help` lists (the rest: --help-all), in that order.
+TRAINER_OPTIONS = (
+    "output_dir", "overwrite_output_dir", "do_train", "do_eval", "learning_rate", "per_device_train_batch_size",
+    "per_device_eval_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_steps",
+    "logging_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit",
+    "resume_from_checkpoint", "seed", "bf16", "fp16", "gradient_checkpointing", "optim", "disable_tqdm",
+)
+
+
 @dataclass
 class RecoveryTrainingArguments(TrainingArguments):
-    """``transformers.TrainingArguments`` with defaults chosen for recovery runs."""
+    """``transformers.TrainingArguments`` with defaults chosen for recovery runs.
 
+    The options ``prunetune recover --help`` shows are re-declared here with plain-text help;
+    their defaults are the Trainer's unless a comment says otherwise.
+    """
+
+    output_dir: str | None = _trainer("output_dir", "Required: the folder for the adapter or model, recovery.json, checkpoints.")
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace an existing non-empty --output_dir (stale checkpoints in it are removed)."}
+        default=False, metadata={"help": "Replace a non-empty --output_dir that prunetune wrote."}
     )
-    # The command exists to train; --do_train False only evaluates (with --do_eval).
-    do_train: bool = field(default=True, metadata={"help": "Train (default). --do_train False with --do_eval only evaluates."})
+    # The command exists to train; --do_train false only evaluates (with --do_eval).
+    do_train: bool = field(default=True, metadata={"help": "Train (default; false: only evaluate)."})
+    do_eval: bool = _trainer("do_eval", "Perplexity on held-out text, before and after training.")
+    learning_rate: float = _trainer("learning_rate", "Peak learning rate: 1e-4 suits the adapters, 2e-5 full.")
+    per_device_train_batch_size: int = _trainer("per_device_train_batch_size", "Blocks per step and device.")
+    per_device_eval_batch_size: int = _trainer("per_device_eval_batch_size", "Evaluation windows per forward.")
+    gradient_accumulation_steps: int = _trainer(
+        "gradient_accumulation_steps", "Batches per optimizer step.")
+    num_train_epochs: float = _trainer("num_train_epochs", "Passes over the training blocks.")
+    max_steps: int = _trainer("max_steps", "Steps to train, instead of epochs (-1: by epochs).")
+    warmup_steps: float = _trainer("warmup_steps", "Linear warm-up steps (below 1: a fraction).")
     # The sparsity guard runs at each logging step; 500 would leave short runs unchecked.
-    logging_steps: float = field(default=10, metadata={"help": "Log (and check sparsity) every N steps (< 1: fraction of the run)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log and check sparsity every N steps."})
+    eval_strategy: IntervalStrategy | str = _trainer(
+        "eval_strategy", "Also score the held-out text during training (eval_curve in recovery.json).")
+    eval_steps: float | None = _trainer("eval_steps", "Evaluate every N steps. Default: --logging_steps.")
+    save_strategy: SaveStrategy | str = _trainer("save_strategy", "When to write checkpoints.")
+    save_steps: float = _trainer("save_steps", "A checkpoint every N steps.")
+    save_total_limit: int | None = _trainer("save_total_limit", "Keep the last N checkpoints. Default: all.")
+    resume_from_checkpoint: str | None = _trainer(
+        "resume_from_checkpoint", "A checkpoint-N folder, or latest (the last complete one).")
+    seed: int = _trainer("seed", "Seed of the adapter's init and the data order.")
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision. Default: on where CUDA has bf16."})
+    fp16: bool = _trainer("fp16", "fp16 mixed precision (prefer bf16 where the GPU has it).")
+    gradient_checkpointing: bool | None = _trainer(
+        "gradient_checkpointing", "Recompute activations: less memory, more time (= --activation_checkpointing).")
+    optim: OptimizerNames | str = _trainer(
+        "optim", "adamw_torch_fused (default), adamw_torch, sgd, adafactor, ... (--help-all: all).")
+    # Bars by default whatever the transformers log level (the Trainer would hide them below
+    # warning, which the CLI sets); -q sets this to true.
+    disable_tqdm: bool | None = _trainer("disable_tqdm", "Hide the progress bars (as -q does).", default=False)
+    # Recovery only ever needs the evaluation loss; the Trainer would otherwise gather every
+    # eval logit (windows x block x vocab floats) in memory.
+    prediction_loss_only: bool = _trainer("prediction_loss_only", "Evaluation keeps only the loss (default).", default=True)
     # Stop on a NaN/inf loss instead of hiding it; also spares a host sync on every step.
     logging_nan_inf_filter: bool = field(default=False, metadata={"help": "Replace NaN/inf losses by the running mean in logs (off: stop on them)."})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision. Default: on when CUDA supports bf16."})
 
     def __post_init__(self):
         import torch
@@ -175,6 +335,11 @@ class RecoveryTrainingArguments(TrainingArguments):
         require(self.output_dir is not None and str(self.output_dir).strip() != "",
                 "--output_dir is required: the folder for the adapter/model (and recovery.json) this run writes.")
         self._check_training_values()
+        if self.gradient_checkpointing is not None and self.activation_checkpointing is None:
+            # run_clm's name, taken as ours: no deprecation warning for the flag its users type
+            self.activation_checkpointing = self.gradient_checkpointing
+        if self.disable_tqdm is None:
+            self.disable_tqdm = False
         accelerated = torch.cuda.is_available() or torch.backends.mps.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
         if not accelerated:
             # CPU-only machine: say so, which also lets torchrun / accelerate launch run gloo DDP
@@ -189,7 +354,6 @@ class RecoveryTrainingArguments(TrainingArguments):
             super().__post_init__()
         except (ValueError, ImportError) as err:
             raise UsageError(f"Invalid training arguments: {err}") from err
-
 
     def _check_training_values(self) -> None:
         """Values the Trainer would accept and then train nothing (or NaN) with."""

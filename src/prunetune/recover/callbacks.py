@@ -1,10 +1,11 @@
-"""The sparsity guard: a Trainer callback that stops a run the moment sparsity or the loss breaks.
+"""Trainer callbacks of the recovery recipe: the sparsity guard, checkpoint markers, progress.
 
-At every logging step and before every checkpoint it asks the method's sparsity check
-(:mod:`prunetune.recover.base`) whether any pruned weight became nonzero, checks that the
-trainable parameters are finite, and logs ``sparsity`` as a metric. A violation raises
-:class:`TrainingStopped` *before* the checkpoint of that step is written, so the last
-checkpoint on disk is always a good one; a NaN/inf logged loss raises it too.
+The guard stops a run the moment sparsity or the loss breaks: at every logging step and
+before every checkpoint it asks the method's sparsity check (:mod:`prunetune.recover.base`)
+whether any pruned weight became nonzero, checks that the trainable parameters are finite,
+and logs ``sparsity`` as a metric. A violation raises :class:`TrainingStopped` *before* the
+checkpoint of that step is written, so the last checkpoint on disk is always a good one; a
+NaN/inf logged loss raises it too. :class:`TrainingProgress` is the run's one progress bar.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import math
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -211,3 +213,86 @@ class SparsityGuard(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.verify(state.global_step, args.output_dir)
+
+
+class TrainingProgress(TrainerCallback):
+    """One labelled progress bar per training run, with the last loss, tokens/s and the time left.
+
+    Takes the place of the Trainer's ``ProgressCallback`` and ``PrinterCallback``: the bar
+    (main process only, hidden by ``--disable_tqdm`` / ``-q``) shows steps done, the last
+    logged loss and the training throughput, and tqdm's estimate of the time left; an
+    evaluation during training gets its own labelled bar. Every logged metrics dict goes to
+    this module's logger at INFO (shown with ``-v``), never to stdout.
+
+    Args:
+        label: the bar's label, e.g. ``recover masked_lora``.
+        tokens_per_step: global batch x block size (0: no tokens/s).
+    """
+
+    def __init__(self, label: str, tokens_per_step: int):
+        self.label = label
+        self.tokens_per_step = tokens_per_step
+        self.bar = None
+        self.eval_bar = None
+        self.postfix: dict[str, str] = {}
+        self._start: tuple[float, int] | None = None
+
+    def _shows(self, args, state) -> bool:
+        return state.is_world_process_zero and not args.disable_tqdm
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        self._start = (time.perf_counter(), state.global_step)
+        if self._shows(args, state):
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.label, unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is None:
+            return
+        self.bar.update(state.global_step - self.bar.n)
+        started, first_step = self._start
+        elapsed = time.perf_counter() - started
+        if self.tokens_per_step and elapsed > 0:
+            self.postfix["tokens/s"] = f"{(state.global_step - first_step) * self.tokens_per_step / elapsed:,.0f}"
+            self._show_postfix(refresh=False)
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if not self._shows(args, state) or eval_dataloader is None or not hasattr(eval_dataloader, "__len__"):
+            return
+        if self.eval_bar is None:
+            from tqdm.auto import tqdm
+
+            self.eval_bar = tqdm(total=len(eval_dataloader), desc="perplexity (held-out)", unit="batch",
+                                 leave=self.bar is None, dynamic_ncols=True)
+        self.eval_bar.update(1)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero:
+            return
+        logger.info("step %d: %s", state.global_step, ", ".join(f"{k} {_short(v)}" for k, v in logs.items()))
+        if "loss" in logs:
+            self.postfix["loss"] = _short(logs["loss"])
+        if "eval_loss" in logs and isinstance(logs["eval_loss"], float):
+            self.postfix["held-out ppl"] = _short(math.exp(min(logs["eval_loss"], 700.0)))
+        self._show_postfix()
+
+    def _show_postfix(self, refresh: bool = True) -> None:
+        if self.bar is not None:
+            order = ("loss", "held-out ppl", "tokens/s")
+            self.bar.set_postfix({key: self.postfix[key] for key in order if key in self.postfix}, refresh=refresh)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for bar in (self.eval_bar, self.bar):
+            if bar is not None:
+                bar.close()
+        self.bar = self.eval_bar = None
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

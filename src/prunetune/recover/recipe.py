@@ -4,26 +4,35 @@
 runs; it reads top to bottom like the steps above and knows nothing about any one method
 (those live behind :data:`SETUPS`). Runs under ``torchrun`` / ``accelerate launch`` as is:
 the Trainer owns DDP, every rank checks its own masks, rank 0 writes the outputs.
+
+Perplexity is only ever computed on text the run does not train on (:func:`plan_data`): a
+``--validation_file``, a source's own validation/test split, or the held-out part of a local
+text (``--validation_split_percentage``); ``recovery.json`` says which text each number is on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
+import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import Trainer, default_data_collator
+from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from prunetune.errors import UsageError, require
 from prunetune.recover.args import DataArguments, ModelArguments, RecoveryArguments, RecoveryTrainingArguments
 from prunetune.recover.base import base_layers, zero_fraction
-from prunetune.recover.callbacks import SparsityGuard, last_checkpoint
+from prunetune.recover.callbacks import SparsityGuard, TrainingProgress, last_checkpoint
 from prunetune.recover.full import setup_full
 from prunetune.recover.lora import setup_lora, setup_masked_lora
 
@@ -41,8 +50,12 @@ class RecoveryResult:
     method: str
     model: str
     output_dir: str
-    dataset: str
+    dataset: str  # the training source (--dataset_name / --train_file, or the model's default)
     block_size: int
+    eval_dataset: str | None = None  # the evaluation source (--validation_file, else the training source)
+    validation_split_percentage: float = 0.0  # held out of a local training text without split files
+    training_text: str | None = None  # exactly which text trained (the data layer's description)
+    evaluation_text: str | None = None  # exactly which text each perplexity is on
     steps: int = 0
     tokens: int = 0  # steps x global batch x block size, this run only
     train_seconds: float = 0.0
@@ -55,6 +68,9 @@ class RecoveryResult:
     merged_sparsity: float | None = None  # adapters: what `prunetune merge --allow_dense` would give
     perplexity_before: float | None = None
     perplexity_after: float | None = None
+    # held-out perplexity during training: [{step, tokens, perplexity}], tokens trained since step 0
+    # (global batch x block size per step); step 0 is perplexity_before, the last step perplexity_after
+    eval_curve: list = field(default_factory=list)
     resumed_from: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -169,8 +185,10 @@ def load(model_args: ModelArguments, recovery_args: RecoveryArguments, training_
     from prunetune.loading import LoadOptions, load_model, load_tokenizer
 
     options = LoadOptions(dtype=resolve_dtype(model_args, recovery_args, training_args.device),
-                          trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir)
-    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, options)
+                          trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
+                          flag="--model_name_or_path")
+    tokenizer_options = replace(options, flag="--tokenizer_name") if model_args.tokenizer_name else options
+    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, tokenizer_options)
     model = load_model(model_args.model_name_or_path, options)
     model.config.use_cache = False  # no KV cache while training
     return model.to(training_args.device), tokenizer
@@ -185,45 +203,136 @@ def resolve_block_size(model, data_args: DataArguments) -> int:
     return block_size
 
 
-def evaluate(model, tokenizer, dataset: str, data_args, recovery_args, training_args, block_size: int) -> float:
-    from prunetune.evaluate import evaluate_dataset
+@dataclass(frozen=True)
+class DataPlan:
+    """Which text trains and which text is scored, and the options that named them (for messages).
 
-    result = evaluate_dataset(
-        model, tokenizer, dataset, recovery_args.eval_seqlen or block_size,
-        batch_size=training_args.per_device_eval_batch_size, split=data_args.validation_split,
-        max_windows=data_args.max_eval_samples, autocast_dtype=torch.bfloat16 if training_args.bf16 else None,
+    ``*_percent`` is the ``validation_percent`` of :mod:`prunetune.data`: the part of a local
+    source without split files that is held out (validation/test) and never trained on.
+    """
+
+    train_source: str
+    train_flag: str
+    train_percent: float
+    eval_source: str
+    eval_flag: str
+    eval_percent: float
+
+
+def plan_data(model_args: ModelArguments, data_args: DataArguments) -> DataPlan:
+    """``--train_file`` / ``--dataset_name`` (default: the model's, see :mod:`prunetune.defaults`) trains;
+    ``--validation_file`` is scored whole, else the training source's held-out part or own split."""
+    from prunetune.defaults import default_data
+
+    train = data_args.training_source or default_data("training", model_args.model_name_or_path)
+    percent = float(data_args.validation_split_percentage)
+    if data_args.validation_file:
+        return DataPlan(train, data_args.training_flag, 0.0, data_args.validation_file, "--validation_file", 0.0)
+    return DataPlan(train, data_args.training_flag, percent, train, data_args.training_flag, percent)
+
+
+def check_held_out(plan: DataPlan) -> None:
+    """Refuse to score the text the run trains on: a local source without split files and nothing held
+    out (--validation_split_percentage 0), or --validation_file naming the training text. Reads no data."""
+    from prunetune.data import _split_path_field, resolve
+    from prunetune.data.local import SPLIT_STEMS, file_kind
+
+    if plan.eval_percent > 0:
+        return  # the held-out part is never trained on
+    refs = resolve(plan.train_source, plan.train_flag), resolve(plan.eval_source, plan.eval_flag)
+    if any(ref.kind != "local" or ref.protocol is not None for ref in refs):
+        return  # builtin, the hub sources and local copies in their layout keep their splits apart
+    path = _split_path_field(plan.train_source)[0].resolve()
+    if path != _split_path_field(plan.eval_source)[0].resolve():
+        return
+    split_names = sum(SPLIT_STEMS.values(), ())
+    if path.is_dir() and any(file_kind(p) and p.name.lower().split(".")[0] in split_names for p in path.iterdir()):
+        return  # train.* / validation.* files
+    raise UsageError(
+        f"--do_eval would score {plan.eval_source}, the text the run trains on (nothing of it is held out): a "
+        "perplexity on training text says nothing about the model. Hold part of it out with "
+        "--validation_split_percentage (e.g. 5), or give other text with --validation_file."
     )
-    logger.info("perplexity on %s/%s: %.4f (%d windows)", dataset, data_args.validation_split, result.perplexity, result.windows)
-    return result.perplexity
+
+
+class HeldOutText:
+    """The evaluation windows, built once: scored by :func:`prunetune.evaluate.perplexity` before and
+    after training and, with ``--eval_strategy``, by the Trainer during training (the same windows,
+    so the curve and the two numbers agree)."""
+
+    def __init__(self, tokenizer, plan: DataPlan, data_args: DataArguments, seqlen: int, cache_dir: str | None):
+        from prunetune.data import eval_stream
+
+        self.stream, documents = eval_stream(tokenizer, plan.eval_source, seqlen=seqlen, split=data_args.validation_split,
+                                             cache_dir=cache_dir, validation_percent=plan.eval_percent, flag=plan.eval_flag)
+        self.seqlen = seqlen
+        self.windows = self.stream.shape[-1] // seqlen
+        if data_args.max_eval_samples is not None:
+            self.windows = min(self.windows, data_args.max_eval_samples)
+        require(self.windows > 0, f"The evaluation text ({documents.description}) holds {self.stream.shape[-1]} tokens, "
+                                  f"fewer than one window of {seqlen}; lower --eval_seqlen / --block_size or give more text.")
+        self.fingerprint = documents.fingerprint
+        self.description = f"{documents.description}; {self.windows:,} windows of {seqlen} tokens"
+
+    def perplexity(self, model, training_args: RecoveryTrainingArguments, label: str) -> float:
+        from prunetune.evaluate import perplexity
+
+        result = perplexity(model, self.stream, self.seqlen, batch_size=training_args.per_device_eval_batch_size,
+                            max_windows=self.windows, progress=not training_args.disable_tqdm,
+                            autocast_dtype=torch.bfloat16 if training_args.bf16 else None, desc=label)
+        logger.info("%s: %.4f on %s", label, result.perplexity, self.description)
+        return result.perplexity
+
+    def blocks(self):
+        """The windows as a dataset for the Trainer's ``eval_dataset`` (labels = inputs, like training blocks)."""
+        from prunetune.data import BlockDataset
+
+        windows = self.stream.reshape(-1)[: self.windows * self.seqlen].view(self.windows, self.seqlen)
+        return BlockDataset(windows.contiguous(), self.fingerprint, self.description)
+
+
+def evaluates_during_training(args: RecoveryTrainingArguments) -> bool:
+    return args.do_train and IntervalStrategy(args.eval_strategy) != IntervalStrategy.NO
 
 
 def make_trainer(setup, training_args: RecoveryTrainingArguments, train_data, tokenizer=None,
-                 callbacks: list | None = None) -> tuple[Trainer, SparsityGuard]:
-    """A ``Trainer`` for a method's setup, with the sparsity guard first among prunetune's callbacks."""
+                 callbacks: list | None = None, *, eval_data=None, label: str = "recover",
+                 block_size: int | None = None) -> tuple[Trainer, SparsityGuard]:
+    """A ``Trainer`` for a method's setup, with the sparsity guard first among prunetune's callbacks.
+
+    The Trainer's own progress bar and log printer give way to :class:`TrainingProgress`: one bar
+    labelled ``label`` (loss, tokens/s, time left), the metrics logged at INFO (``-v``).
+    """
     if training_args.ddp_broadcast_buffers is None:
         # masks are identical on every rank by construction; broadcasting them each step costs GBs
         training_args.ddp_broadcast_buffers = False
     guard = SparsityGuard(setup.check, [p for p in setup.model.parameters() if p.requires_grad])
-    trainer = Trainer(model=setup.model, args=training_args, train_dataset=train_data,
+    trainer = Trainer(model=setup.model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
                       data_collator=default_data_collator, processing_class=tokenizer,
                       callbacks=[guard, *setup.callbacks, *(callbacks or [])])
-    if not logging.getLogger("prunetune").isEnabledFor(logging.INFO):
-        _quiet(trainer)
+    for replaced in (PrinterCallback, ProgressCallback, DEFAULT_PROGRESS_CALLBACK):  # the last: notebooks' bar
+        trainer.remove_callback(replaced)
+    block_size = block_size or (train_data[0]["input_ids"].shape[-1] if train_data is not None and len(train_data) else 0)
+    global_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    trainer.add_callback(TrainingProgress(label, global_batch * block_size))
     return trainer, guard
 
 
-class _BarOnly(ProgressCallback):
-    """The Trainer's progress bar without the dict it prints at every logging step."""
+@contextlib.contextmanager
+def scoped_rng():
+    """Restore Python's, NumPy's and torch's global random states on exit.
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        pass
-
-
-def _quiet(trainer: Trainer) -> None:
-    """Quiet by default (verbose with -v): keep the progress bar, drop the per-step log prints."""
-    trainer.remove_callback(PrinterCallback)
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(_BarOnly)
+    The recipe seeds the adapter's initialisation and the Trainer reseeds everything for its
+    run (``set_seed``); neither may change what the caller's process draws next.
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args: RecoveryArguments,
@@ -237,8 +346,6 @@ def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args:
     Raises:
         UsageError: bad input (see the messages), and ``TrainingStopped`` when the guard stops the run.
     """
-    import contextlib
-
     from prunetune.outputs import check_output_dir, output_lock
 
     method = recovery_args.recovery_method
@@ -251,7 +358,7 @@ def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args:
     if is_main and resume_dir is None:
         check_output_dir(training_args.output_dir, overwrite=training_args.overwrite_output_dir)
     lock = output_lock(training_args.output_dir, "prunetune recover") if is_main else contextlib.nullcontext()
-    with lock:
+    with lock, scoped_rng():
         return _recover(model_args, data_args, recovery_args, training_args, callbacks, resume_dir)
 
 
@@ -261,13 +368,16 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
 
     method = recovery_args.recovery_method
     is_main = training_args.process_index == 0
+    plan = plan_data(model_args, data_args)
+    if training_args.do_eval and training_args.do_train:
+        check_held_out(plan)  # before the model loads
+    if data_args.dataset_config_name:
+        logger.warning("--dataset_config_name %s ignored: prunetune's %r source fixes its files", data_args.dataset_config_name,
+                       plan.train_source)
     model, tokenizer = load(model_args, recovery_args, training_args)
     check_config(model, model_args)
     sparsity_before = zero_fraction(base_layers(model))
     check_sparsity(model_args.model_name_or_path, sparsity_before, recovery_args)
-    dataset = data_args.dataset_name or ("builtin" if model_args.model_name_or_path == "tiny" else "c4")
-    if data_args.dataset_config_name:
-        logger.warning("--dataset_config_name %s ignored: prunetune's %r source fixes its files", data_args.dataset_config_name, dataset)
     block_size = resolve_block_size(model, data_args)
     if training_args.do_eval and recovery_args.eval_seqlen:  # before training, not after it
         from prunetune.loading import max_positions
@@ -276,7 +386,9 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
         require(limit is None or recovery_args.eval_seqlen <= limit,
                 f"--eval_seqlen {recovery_args.eval_seqlen} exceeds the model's {limit} positions; use {limit} or less.")
     result = RecoveryResult(method=method, model=model_args.model_name_or_path, output_dir=training_args.output_dir,
-                            dataset=dataset, block_size=block_size, sparsity_before=sparsity_before,
+                            dataset=plan.train_source, block_size=block_size, sparsity_before=sparsity_before,
+                            eval_dataset=plan.eval_source if training_args.do_eval else None,
+                            validation_split_percentage=plan.train_percent,
                             resumed_from=str(resume_dir) if resume_dir else None)
     checkpoint = checkpoint_info(resume_dir) if resume_dir is not None else None
     if checkpoint is not None and checkpoint.get("base_mask_digests"):
@@ -284,24 +396,35 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
 
         check_base_manifest(model, checkpoint, str(resume_dir))  # the same pruned base, position by position
 
-    train_data = None
-    if training_args.do_train:
-        from prunetune.data import training_blocks
+    train_data, held_out = None, None
+    during = evaluates_during_training(training_args)
+    # Under DDP the main process tokenizes first; the other ranks then read its token cache.
+    with training_args.main_process_first(desc="training and evaluation data"):
+        if training_args.do_train:
+            from prunetune.data import training_blocks
 
-        train_data = training_blocks(tokenizer, dataset, block_size, split="train",
-                                     max_samples=data_args.max_train_samples, cache_dir=model_args.cache_dir)
-    if training_args.do_eval and recovery_args.eval_before_training and resume_dir is None and is_main:
-        result.perplexity_before = evaluate(model, tokenizer, dataset, data_args, recovery_args, training_args, block_size)
+            streaming = {"streaming": True} if data_args.streaming else {}
+            train_data = training_blocks(tokenizer, plan.train_source, block_size, split="train",
+                                         max_samples=data_args.max_train_samples, cache_dir=model_args.cache_dir,
+                                         validation_percent=plan.train_percent, flag=plan.train_flag, **streaming)
+            result.training_text = getattr(train_data, "description", None) or plan.train_source
+        if training_args.do_eval and (is_main or during):
+            held_out = HeldOutText(tokenizer, plan, data_args, recovery_args.eval_seqlen or block_size, model_args.cache_dir)
+            result.evaluation_text = held_out.description
+    if held_out is not None and recovery_args.eval_before_training and resume_dir is None and is_main:
+        result.perplexity_before = held_out.perplexity(model, training_args, "perplexity before")
 
     from transformers import set_seed
 
-    set_seed(training_args.seed)  # the adapter's random init: reproducible runs (Trainer seeds only later)
+    set_seed(training_args.seed)  # the adapter's random init: reproducible runs (scoped by recover(); the Trainer reseeds)
     setup = SETUPS[method](model, recovery_args, resume_dir)
     # the marker goes after the method's callbacks (they add files to checkpoints), before the caller's
     own = [CheckpointMarker({"recovery_method": method, **setup.manifest})]
     if resume_dir is not None:
         own.append(LearningRateOverride((checkpoint or {}).get("learning_rate")))
-    trainer, guard = make_trainer(setup, training_args, train_data, tokenizer, [*own, *(callbacks or [])])
+    trainer, guard = make_trainer(setup, training_args, train_data, tokenizer, [*own, *(callbacks or [])],
+                                  eval_data=held_out.blocks() if during else None, label=f"recover {method}",
+                                  block_size=block_size)
     if is_main and (training_args.do_train or training_args.do_eval):
         if resume_dir is None:
             prepare_output_dir(training_args, method)
@@ -317,8 +440,9 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
         from prunetune.export import merged_zero_fraction
 
         result.merged_sparsity = merged_zero_fraction(setup.model)
-    if training_args.do_eval and is_main:
-        result.perplexity_after = evaluate(setup.model, tokenizer, dataset, data_args, recovery_args, training_args, block_size)
+    if held_out is not None and is_main:
+        result.perplexity_after = held_out.perplexity(setup.model, training_args, "perplexity after")
+    result.eval_curve = eval_curve(trainer.state.log_history, trainer.state.global_step, result, training_args)
     if is_main and (training_args.do_train or training_args.do_eval):
         from prunetune.outputs import write_json
 
@@ -326,6 +450,19 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
         if training_args.do_train:
             _write_manifest(setup, model_args, result, complete=True)  # last: the run is whole
     return result
+
+
+def eval_curve(log_history: list[dict], last_step: int, result: RecoveryResult, args: RecoveryTrainingArguments) -> list[dict]:
+    """Held-out perplexity against tokens trained: the Trainer's evaluations (``eval_loss``, resumed
+    runs' included) plus the recipe's own before (step 0) and after (last step), on the same windows."""
+    tokens_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * result.block_size
+    points = {entry["step"]: entry["eval_loss"] for entry in log_history if "eval_loss" in entry and "step" in entry}
+    curve = {step: math.exp(loss) if loss < 700 else math.inf for step, loss in points.items()}  # exp overflows above ~709
+    if result.perplexity_before is not None:
+        curve[0] = result.perplexity_before
+    if result.perplexity_after is not None and (result.steps or curve):
+        curve[last_step] = result.perplexity_after
+    return [{"step": step, "tokens": step * tokens_per_step, "perplexity": ppl} for step, ppl in sorted(curve.items())]
 
 
 def _train(trainer: Trainer, args: RecoveryTrainingArguments, resume_dir: Path | None, block_size: int,
@@ -371,7 +508,8 @@ def _write_manifest(setup, model_args: ModelArguments, result: RecoveryResult, c
         "trust_remote_code": model_args.trust_remote_code,
         "pruning": base_manifest.get("pruning", {k: v for k, v in base_manifest.items() if k not in ("versions", "complete")}),
         **setup.manifest,
-        "training": {"steps": result.steps, "tokens": result.tokens, "dataset": result.dataset, "block_size": result.block_size},
+        "training": {"steps": result.steps, "tokens": result.tokens, "dataset": result.dataset, "text": result.training_text,
+                     "block_size": result.block_size},
         "versions": library_versions(),
     }
     write_json(Path(result.output_dir) / MANIFEST_NAME, manifest)

@@ -1,0 +1,232 @@
+"""The pipeline file's schema: dataclasses read by :func:`load_config`, every value checked.
+
+Data that a file leaves out follows the model (:func:`prunetune.defaults.default_data`): the
+bundled ``tiny`` model and models made from it use ``builtin``, any other model the papers'
+data. The resolved values are what the stages hash and what ``config.resolved.yaml`` shows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from prunetune.config import from_mapping, load_mapping
+from prunetune.errors import UsageError, require
+
+
+@dataclass
+class CalibrationSpec:
+    dataset: str | None = None  # None: builtin for tiny (and models made from it), else C4 as the papers
+    nsamples: int = 128
+    seqlen: int | None = None  # None: the model's context, capped at 2048
+    seed: int = 0
+
+
+@dataclass
+class EvaluationSpec:
+    dataset: str | None = None  # None: builtin for tiny (and models made from it), else WikiText-2
+    seqlen: int | None = None  # None: the model's context, capped at 2048
+    batch_size: int = 8
+    max_windows: int | None = None  # score only the first windows (quick runs)
+    split: str = "test"
+
+
+@dataclass
+class PruneSpec:
+    method: Literal["magnitude", "wanda", "sparsegpt"]
+    sparsity_ratio: float | None = None  # None with N:M means N/M
+    sparsity_type: str = "unstructured"
+    use_variant: bool = False
+    true_sequential: bool = False  # one block forward; each layer sees the block as pruned so far
+    name: str | None = None  # default: "<method>-<ratio|N:M>"
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.sparsity_type == "unstructured":
+            ratio = 0.5 if self.sparsity_ratio is None else self.sparsity_ratio
+            structure = f"{ratio * 100:g}%"
+        else:
+            structure = self.sparsity_type
+        suffix = " (true sequential)" if self.true_sequential else ""
+        return f"{self.method}{'-variant' if self.use_variant else ''} {structure}{suffix}"
+
+
+@dataclass
+class RecoverySpec:
+    prune: str  # the label of a prune entry (e.g. "wanda 50%")
+    methods: list[Literal["lora", "masked_lora", "full"]] = field(default_factory=lambda: ["lora", "masked_lora", "full"])
+    dataset: str | None = None  # None: builtin for tiny (and models made from it), else C4 as the LoRA recipe
+    block_size: int = 1024
+    max_train_samples: int | None = None
+    max_steps: int = -1  # <= 0: train num_train_epochs instead
+    num_train_epochs: float = 1.0
+    learning_rate: float = 1e-4
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float | None = None
+    lora_target_modules: str = "q_proj,v_proj"
+    warmup_steps: int = 0
+    logging_steps: int = 10
+    # Held-out perplexity every eval_steps optimizer steps, and once before the first: the report's
+    # perplexity-vs-tokens curve. None: no evaluation during training (it costs a pass each time).
+    eval_steps: int | None = None
+    max_eval_samples: int | None = None  # held-out blocks scored each time (None: all of them)
+    per_device_eval_batch_size: int = 8
+    # Per-method overrides of the keys above, e.g. {full: {learning_rate: 2.0e-5}}.
+    method_overrides: dict = field(default_factory=dict)
+
+    def for_method(self, method: str, where: str = "config.recover") -> dict:
+        """The settings ``method`` trains with: the keys above, then its ``method_overrides``.
+
+        Raises:
+            UsageError: an override names an unknown key or holds a value of the wrong type.
+        """
+        settings = {k: v for k, v in asdict(self).items() if k not in ("prune", "methods", "method_overrides")}
+        overrides = self.method_overrides.get(method, {}) or {}
+        place = f"{where}.method_overrides.{method}"
+        require(isinstance(overrides, dict), f"{place}: {overrides!r} is not a mapping of keys to values.")
+        unknown = [k for k in overrides if k not in settings]
+        if unknown:
+            raise UsageError(f"{place}: unknown key {unknown[0]!r}. Accepted keys: {', '.join(settings)}.")
+        typed = from_mapping(RecoverySpec, {"prune": self.prune, **overrides}, place)  # types, as for the keys above
+        settings.update({k: getattr(typed, k) for k in overrides})
+        if settings["dataset"] is None:  # an override of null: the entry's (resolved) data
+            settings["dataset"] = self.dataset
+        return settings
+
+
+@dataclass
+class PipelineConfig:
+    model: str
+    output_dir: str
+    title: str = "prunetune results"
+    dtype: str = "auto"
+    device: str | None = None  # None: cuda when available
+    seed: int = 0
+    trust_remote_code: bool = False  # run code shipped with a hub model (it executes that code)
+    # Where stage directories live. None: output_dir/stages. A relative path is taken from
+    # output_dir, so two configs can share finished stages, each with its own report.
+    stages_dir: str | None = None
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    prune: list[PruneSpec] = field(default_factory=list)
+    recover: list[RecoverySpec] = field(default_factory=list)
+    # Calibration windows on which the report measures each layer's output error against the dense
+    # layer (see prunetune.analysis). None: 4 when the Gram matrices fit in 2 GiB, else skipped;
+    # 0: skipped. Each distinct layer input keeps an (in, in) float64 matrix in CPU memory.
+    reconstruction_windows: int | None = None
+    progress: bool = True  # progress bars (stage lines are printed by the CLI either way, unless -q)
+
+    def __post_init__(self):
+        from prunetune.data import SPLITS, check_source
+        from prunetune.defaults import default_data
+        from prunetune.loading import DTYPES
+
+        require(self.dtype in DTYPES, f"config.dtype: {self.dtype!r} is not accepted; use one of {', '.join(DTYPES)}.")
+        calibration, evaluation = self.calibration, self.evaluation
+        if calibration.dataset is None:
+            calibration.dataset = default_data("calibration", self.model)
+        if evaluation.dataset is None:
+            evaluation.dataset = default_data("evaluation", self.model)
+        for spec in self.recover:
+            if spec.dataset is None:
+                spec.dataset = default_data("training", self.model)
+        check_source(calibration.dataset)
+        check_source(evaluation.dataset)
+        _check_count("config.calibration.nsamples", calibration.nsamples, "calibration windows")
+        _check_seqlen("config.calibration.seqlen", calibration.seqlen)
+        _check_seqlen("config.evaluation.seqlen", evaluation.seqlen)
+        _check_count("config.evaluation.batch_size", evaluation.batch_size, "windows per forward")
+        if evaluation.max_windows is not None:
+            _check_count("config.evaluation.max_windows", evaluation.max_windows, "windows (or null: all)")
+        require(evaluation.split in SPLITS, f"config.evaluation.split: {evaluation.split!r} is not accepted; use one of {', '.join(SPLITS)}.")
+        require(self.reconstruction_windows is None or self.reconstruction_windows >= 0,
+                f"config.reconstruction_windows: {self.reconstruction_windows} is not accepted; give 0 (skip), a number "
+                "of calibration windows, or null (4 when the model is small enough).")
+        labels = [p.label() for p in self.prune]
+        duplicates = {x for x in labels if labels.count(x) > 1}
+        if duplicates:
+            raise UsageError(f"config.prune: two entries are both named {sorted(duplicates)[0]!r}; give one a distinct 'name'.")
+        for spec in self.prune:  # validates method, ratio and N:M before any work
+            self.prune_config(spec)
+        for index, spec in enumerate(self.recover):
+            where = f"config.recover[{index}]"
+            require(spec.prune in labels, f"{where}.prune: {spec.prune!r} names no prune entry; accepted: {', '.join(labels)}.")
+            for method in spec.methods:
+                settings = spec.for_method(method, where)
+                check_source(settings["dataset"])
+                _check_recovery(settings, functools.partial(setting_key, spec, method, where=where))
+
+    def prune_config(self, spec: PruneSpec):
+        """The :class:`prunetune.pruning.PruneConfig` of one prune entry (validates it)."""
+        from prunetune.pruning import PruneConfig
+
+        calibration = self.calibration
+        return PruneConfig(method=spec.method, sparsity_ratio=spec.sparsity_ratio, sparsity_type=spec.sparsity_type,
+                           use_variant=spec.use_variant, nsamples=calibration.nsamples, seqlen=calibration.seqlen,
+                           seed=calibration.seed, calib_dataset=calibration.dataset,
+                           true_sequential=spec.true_sequential, progress=self.progress)
+
+    def stages_root(self) -> Path:
+        output_dir = Path(self.output_dir).expanduser()
+        return output_dir / "stages" if self.stages_dir is None else output_dir / Path(self.stages_dir).expanduser()
+
+
+def _check_count(key: str, value: int, what: str) -> None:
+    require(value >= 1, f"{key}: {value} is not accepted; give 1 or more {what}.")
+
+
+def _check_seqlen(key: str, value: int | None) -> None:
+    require(value is None or value >= 2,
+            f"{key}: {value} is not accepted; give 2 or more tokens (a window predicts its tokens after the first), "
+            "or null for the model's context (capped at 2048).")
+
+
+def setting_key(spec: RecoverySpec, method: str, key: str, where: str) -> str:
+    """The config key a recovery setting came from: an override, or the recover entry itself."""
+    overrides = spec.method_overrides.get(method) or {}
+    return f"{where}.method_overrides.{method}.{key}" if key in overrides else f"{where}.{key}"
+
+
+def _check_recovery(settings: dict, key: Callable[[str], str]) -> None:
+    """Recovery numbers a Trainer would reject (or silently misuse) only after pruning ran."""
+    require(settings["block_size"] >= 2, f"{key('block_size')}: {settings['block_size']} is not accepted; give 2 or more tokens per block.")
+    counts = {"per_device_train_batch_size": "blocks per device and step", "gradient_accumulation_steps":
+              "batches per optimizer step", "lora_r": "as the adapter's rank", "logging_steps": "steps between logs",
+              "per_device_eval_batch_size": "blocks per device and evaluation step"}
+    for name, what in counts.items():
+        _check_count(key(name), settings[name], what)
+    optional = {"max_train_samples": "training blocks (or null: all)", "max_eval_samples": "held-out blocks (or null: all)",
+                "eval_steps": "steps between held-out evaluations (or null: none during training)"}
+    for name, what in optional.items():
+        if settings[name] is not None:
+            _check_count(key(name), settings[name], what)
+    epochs = settings["num_train_epochs"]
+    require(math.isfinite(epochs) and epochs >= 0, f"{key('num_train_epochs')}: {epochs} is not accepted; give a finite number >= 0.")
+    require(settings["max_steps"] >= 1 or epochs > 0,
+            f"{key('max_steps')}: {settings['max_steps']} with num_train_epochs {epochs} trains nothing; "
+            "give max_steps >= 1, or max_steps -1 and num_train_epochs > 0.")
+    rate = settings["learning_rate"]
+    require(math.isfinite(rate) and rate > 0, f"{key('learning_rate')}: {rate} is not accepted; give a finite number > 0 (e.g. 1.0e-4).")
+    require(settings["warmup_steps"] >= 0, f"{key('warmup_steps')}: {settings['warmup_steps']} is not accepted; give 0 or more steps.")
+    alpha = settings["lora_alpha"]
+    require(math.isfinite(alpha) and alpha > 0, f"{key('lora_alpha')}: {alpha} is not accepted; give a finite number > 0.")
+    require(any(p.strip() for p in settings["lora_target_modules"].split(",")),
+            f"{key('lora_target_modules')}: {settings['lora_target_modules']!r} names no layer; give names such as "
+            "q_proj,v_proj, globs such as self_attn.*, or all-linear.")
+    dropout = settings["lora_dropout"]
+    require(dropout is None or 0 <= dropout < 1, f"{key('lora_dropout')}: {dropout} is not accepted; give a value in [0, 1) or null.")
+
+
+def load_config(path_or_mapping, overrides: dict | None = None) -> PipelineConfig:
+    """A validated :class:`PipelineConfig` from a YAML/JSON file or a mapping; data left out follows the model."""
+    data = load_mapping(path_or_mapping) if not isinstance(path_or_mapping, dict) else dict(path_or_mapping)
+    data.update(overrides or {})
+    return from_mapping(PipelineConfig, data)

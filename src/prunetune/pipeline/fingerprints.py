@@ -1,0 +1,128 @@
+"""Content fingerprints of the local files a stage reads: what makes a stage key follow the data.
+
+A stage key hashes the *contents* of the model folder and the data files it reads, so an
+edited file reruns exactly the stages that read it; :class:`FingerprintCache` keeps the
+digests between runs so unchanged files are not read again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+from prunetune.outputs import write_json
+
+logger = logging.getLogger(__name__)
+
+
+# Files in a model folder that loading never reads: other weight formats (loading reads
+# safetensors, or a GGUF file) and documentation. Python files count only with trust_remote_code.
+_UNREAD_MODEL_SUFFIXES = (".md", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
+_RACY_NS = 2 * 10**9  # files modified this recently are hashed but not cached (see FingerprintCache)
+
+
+class FingerprintCache:
+    """sha256 of local files, remembered by (absolute path, size, mtime_ns, inode).
+
+    Stage keys hash the *contents* of the files a stage reads; re-reading 13 GB of weights on
+    every run would cost minutes, so a file whose size, mtime_ns and inode are unchanged since
+    it was last hashed keeps its digest. Any ordinary edit or replacement changes the mtime (set
+    by the kernel on every write), the size or the inode, and the file is hashed again. An edit
+    that keeps both size and mtime_ns (an in-place rewrite of the same length whose mtime is then
+    set back on purpose, e.g. with ``touch -d`` or ``os.utime``) is not seen: the trade-off
+    make, rsync and git's index make, accepted because it takes deliberate effort; delete
+    ``fingerprints.json`` in the output folder to force every file to be hashed again. A file
+    modified within the last 2 s is not cached at all, since a second write inside the same
+    timestamp tick would leave its mtime unchanged (git's "racily clean" case).
+
+    Args:
+        path: the JSON file holding the digests; None: keep them in memory only.
+    """
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.entries: dict[str, dict] = {}  # from the last run, by absolute path
+        self.used: dict[str, dict] = {}  # looked up this run
+        self.hashed: list[str] = []  # files read this run (the others came from the cache)
+        if path is not None and path.exists():
+            try:
+                self.entries = json.loads(path.read_text(encoding="utf-8")).get("files", {})
+            except (OSError, ValueError, AttributeError):
+                logger.warning("fingerprint cache %s is unreadable; hashing every file again", path)
+
+    def file(self, path: Path) -> str:
+        """The sha256 of one file's bytes."""
+        path = Path(path).expanduser().resolve()
+        stat = path.stat()  # taken before reading: a write during the read shows up next run
+        identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+        for known in (self.used.get(str(path)), self.entries.get(str(path))):
+            if known is not None and all(known.get(k) == v for k, v in identity.items()):
+                self.used[str(path)] = known
+                return known["sha256"]
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+        self.hashed.append(str(path))
+        racy = time.time_ns() - stat.st_mtime_ns < _RACY_NS
+        self.used[str(path)] = {**identity, "sha256": digest.hexdigest(), "racy": racy}
+        return digest.hexdigest()
+
+    def files(self, root: Path, files: list[Path]) -> str:
+        """One digest over ``files`` (each named by its path relative to ``root``), order-free."""
+        digest = hashlib.sha256()
+        for file in sorted(files, key=lambda f: f.relative_to(root).as_posix()):
+            digest.update(f"{file.relative_to(root).as_posix()}\0{self.file(file)}\0".encode())
+        return digest.hexdigest()[:16]
+
+    def save(self) -> None:
+        """Write the digests used this run (files no longer read drop out)."""
+        if self.path is not None:
+            kept = {path: {k: v for k, v in entry.items() if k != "racy"} for path, entry in self.used.items()
+                    if not entry.get("racy")}
+            write_json(self.path, {"format": 1, "files": kept})
+
+
+def data_identity(source: str, cache: FingerprintCache) -> str | dict:
+    """What a stage key records for a data source: named sources by name, local ones by content.
+
+    ``builtin`` is the running interpreter's standard library; hashing its documents costs
+    seconds of reading, and it changes only with the interpreter, so its version stands in.
+    """
+    from prunetune.data import HUB_SOURCES, _split_path_field
+
+    if source in HUB_SOURCES:
+        return source
+    if source == "builtin":
+        return f"builtin (python {platform.python_version()})"
+    path, _ = _split_path_field(source)
+    root = path.expanduser().resolve()
+    files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else [root]
+    return {"source": source, "sha256": cache.files(root if root.is_dir() else root.parent, files)}
+
+
+def model_identity(name: str, cache: FingerprintCache, trust_remote_code: bool = False) -> str | dict:
+    """What a stage key records for a model: a local folder by the content of what loading reads.
+
+    A hub id is recorded by name (its files live in the Hugging Face cache, and its revision is
+    not pinned by the config).
+    """
+    from prunetune.loading import resolve_model_path
+
+    folder = Path(resolve_model_path(name))
+    if not folder.is_dir():
+        return name
+    folder = folder.resolve()
+
+    def read_by_loading(file: Path) -> bool:
+        if file.name.startswith(".") or file.suffix in _UNREAD_MODEL_SUFFIXES:
+            return False
+        return trust_remote_code or file.suffix != ".py"
+
+    files = [f for f in folder.iterdir() if f.is_file() and read_by_loading(f)]
+    return {"model": name, "sha256": cache.files(folder, files)}
+

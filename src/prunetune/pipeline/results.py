@@ -1,0 +1,59 @@
+"""Stage results -> the report's plain data: one table row per configuration, curves, per-layer errors."""
+
+from __future__ import annotations
+
+from prunetune.pipeline.config import PruneSpec, RecoverySpec
+from prunetune.report import RecoveryCurve, ReportData, ResultRow
+
+
+class ReportCollector:
+    """Gathers what the stages returned into a :class:`prunetune.report.ReportData`."""
+
+    def __init__(self, title: str):
+        self.data = ReportData(title=title)
+
+    @property
+    def rows(self) -> list[ResultRow]:
+        return self.data.rows
+
+    def add_dense(self, result: dict) -> None:
+        self.rows.append(ResultRow("dense", "dense", "-", perplexity=result["evaluation"]["perplexity"],
+                                   sparsity=result["sparsity"]["overall"]))
+
+    def add_pruned(self, spec: PruneSpec, result: dict) -> None:
+        self.rows.append(ResultRow(spec.label(), "prune", spec.method, spec.sparsity_type,
+                                   perplexity=result["evaluation"]["perplexity"], sparsity=result["prune"]["sparsity"]["overall"],
+                                   seconds=result["prune"]["seconds"], peak_memory_mb=result["peak_memory_mb"],
+                                   peak_memory_kind=result["peak_memory_kind"]))
+
+    def add_recovered(self, spec: RecoverySpec, method: str, structure: str, result: dict) -> str:
+        """The row(s) of one recovery stage and its curves; returns the configuration's name."""
+        name = f"{spec.prune} + {method}"
+        note = result.get("dtype_note", "")
+        if method == "lora":
+            note = (f"perplexity with the adapter unmerged: W + BA is {result['sparsity']:.2%} sparse "
+                    f"over a {result['base_sparsity']:.2%} sparse base" + (f"; {note}" if note else ""))
+        self.rows.append(ResultRow(name, "recover", method, structure, perplexity=result["evaluation"]["perplexity"],
+                                   sparsity=result["sparsity"], seconds=result["train_seconds"], tokens_seen=result["tokens"],
+                                   peak_memory_mb=result["peak_memory_mb"], peak_memory_kind=result["peak_memory_kind"],
+                                   sparsity_after_merge=result["sparsity_after_merge"], note=note))
+        if "remasked" in result:
+            remasked = result["remasked"]
+            self.rows.append(ResultRow(f"{name}, merged + remasked", "recover", method, structure,
+                                       perplexity=remasked["evaluation"]["perplexity"], sparsity=remasked["sparsity"],
+                                       sparsity_after_merge=remasked["sparsity"],
+                                       note="plain LoRA merged, then pruned weights zeroed again"))
+        # stages finished before tokens_per_step was recorded: their steps stand in (plotted as tokens 0..)
+        per_step = result.get("tokens_per_step") or (result["tokens"] // result["steps"] if result.get("steps") else 0)
+        self.data.curves[name] = RecoveryCurve(
+            loss=[(step * per_step, loss) for step, loss in result.get("loss_history", [])],
+            perplexity=[(step * per_step, value) for step, value in result.get("eval_history", [])],
+            dense_perplexity=result.get("eval_dense_perplexity"),
+            text=result.get("eval_text", ""),
+        )
+        return name
+
+    def add_errors(self, result: dict) -> None:
+        self.data.errors = result["errors"]
+        self.data.error_source = (f"{result['windows']} calibration windows x {result['seqlen']} tokens of "
+                                  f"{result['dataset']}")

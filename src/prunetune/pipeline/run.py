@@ -1,0 +1,297 @@
+"""The run: dense -> prune -> recover -> per-layer error -> report, each stage through the stage cache.
+
+:meth:`Pipeline.run` reads as the table of contents: check everything the config and the
+model's shapes reveal, lock the run folder, then run (or reuse) each stage in order and
+write the report. Progress is announced to an optional listener (the CLI prints it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from prunetune.errors import UsageError
+from prunetune.outputs import write_json
+from prunetune.pipeline import layer_error
+from prunetune.pipeline.checks import check_model_shapes
+from prunetune.pipeline.config import PipelineConfig, PruneSpec, RecoverySpec
+from prunetune.pipeline.fingerprints import FingerprintCache, data_identity, model_identity
+from prunetune.pipeline.recovery import hashed_settings, recovery_arguments, recovery_dtype, run_recovery
+from prunetune.pipeline.stages import StageEvent, StageResult, StageRunner, memory_figures
+
+logger = logging.getLogger(__name__)
+
+RESOLVED_CONFIG = "config.resolved.yaml"  # marks a pipeline run folder
+FINGERPRINT_CACHE = "fingerprints.json"
+AUTO_RECONSTRUCTION_WINDOWS = 4  # reconstruction_windows: null, for a model whose Gram matrices fit
+AUTO_GRAM_LIMIT_BYTES = 2 * 2**30
+
+
+@dataclass
+class PipelineResult:
+    output_dir: Path
+    report_path: Path
+    rows: list
+    executed: list[str]
+    reused: list[str]
+    table: str
+
+
+class Pipeline:
+    """Runs one :class:`PipelineConfig`; each stage goes through :class:`StageRunner`.
+
+    Args:
+        config: the validated config.
+        listener: called with a :class:`StageEvent` as each stage starts and ends (the CLI prints them).
+    """
+
+    def __init__(self, config: PipelineConfig, listener: Callable[[StageEvent], None] | None = None):
+        self.config = config
+        self.root = Path(config.output_dir).expanduser()
+        self.stages = StageRunner(config.stages_root(), listener)  # its total is counted by run(), after check()
+        self.fingerprints = FingerprintCache(self.root / FINGERPRINT_CACHE)
+        self._identities: dict[tuple[str, str], str | dict] = {}
+        self._tokenizer = None
+        self._dtype_logged = False
+        self._gram_bytes = 0  # set by check(): what the per-layer error's Gram matrices take
+        self.trainer_cannot_evaluate = False  # set when the recipe's Trainer had no held-out data (eval_steps)
+        self._windows: int | None = None
+
+    # ---- helpers shared by the stages
+    def device(self) -> str:
+        if self.config.device:
+            return self.config.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def load_options(self):
+        from prunetune.loading import LoadOptions
+
+        return LoadOptions(dtype=self.config.dtype, device=self.device(), trust_remote_code=self.config.trust_remote_code)
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from prunetune.loading import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.config.model, self.load_options())
+        return self._tokenizer
+
+    def evaluate(self, model, label: str = "") -> dict:
+        """Perplexity on the config's evaluation text (``label``: what the progress bar is for)."""
+        from prunetune.evaluate import autocast_for, default_seqlen, evaluate_dataset
+
+        spec = self.config.evaluation
+        seqlen = spec.seqlen or default_seqlen(model)
+        result = evaluate_dataset(model, self.tokenizer(), spec.dataset, seqlen, batch_size=spec.batch_size,
+                                  split=spec.split, max_windows=spec.max_windows, progress=self.config.progress,
+                                  autocast_dtype=autocast_for(model), flag="config.evaluation.dataset",
+                                  desc=f"perplexity {label}".strip())
+        return result.to_dict()
+
+    def identity(self, kind: str, name: str) -> str | dict:
+        """The content identity of the model or a data source, computed once per run."""
+        if (kind, name) not in self._identities:
+            if kind == "model":
+                self._identities[kind, name] = model_identity(name, self.fingerprints, self.config.trust_remote_code)
+            else:
+                self._identities[kind, name] = data_identity(name, self.fingerprints)
+        return self._identities[kind, name]
+
+    def base_inputs(self) -> dict:
+        """What every stage reads: the model (by content), the evaluation settings and data."""
+        return {"model": self.identity("model", self.config.model), "dtype": self.config.dtype, "device": self.device(),
+                "trust_remote_code": self.config.trust_remote_code, "evaluation": asdict(self.config.evaluation),
+                "evaluation_data": self.identity("data", self.config.evaluation.dataset)}
+
+    def fingerprint_inputs(self) -> None:
+        """Hash every local file the stages read, once, and keep the digests for the next run."""
+        self.identity("model", self.config.model)
+        sources = [self.config.evaluation.dataset, self.config.calibration.dataset]
+        sources += [spec.for_method(method)["dataset"] for spec in self.config.recover for method in spec.methods]
+        for source in dict.fromkeys(sources):
+            self.identity("data", source)
+        self.fingerprints.save()
+
+    # ---- checks before any work
+    def check(self) -> None:
+        """Everything the model's config reveals, before any stage runs (see :func:`checks.check_model_shapes`)."""
+        self._gram_bytes = check_model_shapes(self.config)
+
+    def reconstruction_windows(self) -> int:
+        """Calibration windows for the per-layer error stage; 0: no such stage (see the config key)."""
+        if self._windows is None:
+            self._windows = self.config.reconstruction_windows
+            if self._windows is None:
+                self._windows = AUTO_RECONSTRUCTION_WINDOWS
+                if self._gram_bytes > AUTO_GRAM_LIMIT_BYTES:
+                    logger.warning("per-layer reconstruction error skipped: its Gram matrices would take %.1f GiB of CPU "
+                                   "memory (set reconstruction_windows to run it anyway, or 0 to silence this)",
+                                   self._gram_bytes / 2**30)
+                    self._windows = 0
+        return self._windows
+
+    def stage_count(self) -> int:
+        """Stages a run walks through: dense, each prune, each recovery, the per-layer error (after :meth:`check`)."""
+        recoveries = sum(len(spec.methods) for spec in self.config.recover)
+        return 1 + len(self.config.prune) + recoveries + (1 if self.config.prune and self.reconstruction_windows() else 0)
+
+    # ---- stages
+    def dense_stage(self) -> StageResult:
+        def work(directory: Path) -> dict:
+            from prunetune.loading import load_model
+            from prunetune.masks import measure_sparsity
+
+            model = load_model(self.config.model, self.load_options())
+            evaluation = self.evaluate(model, "dense")
+            return {"evaluation": evaluation, "sparsity": measure_sparsity(model).to_dict()}
+
+        return self.stages.run("dense", self.base_inputs(), work)
+
+    def prune_stage(self, spec: PruneSpec) -> StageResult:
+        settings = asdict(spec)
+        if not settings["true_sequential"]:  # off: hashed as before the option existed
+            del settings["true_sequential"]
+        config = self.config.prune_config(spec)
+        inputs = {**self.base_inputs(), "prune": settings}
+        if config.pruner.needs_calibration:  # magnitude reads no data
+            inputs["calibration"] = asdict(self.config.calibration)
+            inputs["calibration_data"] = self.identity("data", self.config.calibration.dataset)
+
+        def work(directory: Path) -> dict:
+            from prunetune.loading import load_model
+            from prunetune.memory import track_peak_memory
+            from prunetune.outputs import save_model_dir
+            from prunetune.pruning import prune
+
+            with track_peak_memory(self.device()) as peak:  # loading and pruning; not the evaluation
+                model = load_model(self.config.model, self.load_options())
+                report = prune(model, self.tokenizer(), config)
+            evaluation = self.evaluate(model, spec.label())
+            summary = {k: v for k, v in report.to_dict().items() if k != "block_timings"}
+            save_model_dir(model, self.tokenizer(), directory / "model",
+                           {"stage": "prune", "base_model": self.config.model, **summary})
+            return {"label": spec.label(), "evaluation": evaluation, "prune": summary, **memory_figures(peak),
+                    "model_dir": "model"}
+
+        return self.stages.run(f"prune {spec.label()}", inputs, work)
+
+    def recover_stage(self, spec: RecoverySpec, method: str, pruned: StageResult) -> StageResult:
+        settings = spec.for_method(method)
+        dtype = recovery_dtype(method, self.config.dtype)
+        if dtype != self.config.dtype and not self._dtype_logged:
+            logger.warning("full recovery trains float32 master weights (dtype %s -> auto): an optimizer must not step "
+                           "on %s weights; lora/masked_lora keep their frozen base in %s", self.config.dtype,
+                           self.config.dtype, self.config.dtype)
+            self._dtype_logged = True
+        inputs = {**self.base_inputs(), "pruned": pruned.key, "method": method, "recovery": hashed_settings(settings),
+                  "recovery_dtype": dtype, "recovery_data": self.identity("data", settings["dataset"]),
+                  "seed": self.config.seed}
+
+        def work(directory: Path) -> dict:
+            return run_recovery(self, directory, pruned.directory / pruned.result["model_dir"], method, settings)
+
+        return self.stages.run(f"recover {spec.prune} + {method}", inputs, work)
+
+    def recovery_arguments(self, train_dir: Path, pruned_dir: Path, method: str, settings: dict) -> tuple:
+        """The four argument objects of :func:`prunetune.recover.recipe.recover` for one stage."""
+        return recovery_arguments(self, train_dir, pruned_dir, method, settings)
+
+    def error_stage(self, configurations: dict[str, tuple[str, Callable]]) -> StageResult | None:
+        """Per-layer relative output error of each configuration against the dense weights (see layer_error)."""
+        return layer_error.error_stage(self, configurations)
+
+    # ---- the whole run
+    def check_output_dir(self) -> None:
+        """The run folder is new, empty, or an earlier run of a pipeline (stages are reused): never a foreign folder."""
+        from prunetune.outputs import check_output_dir
+
+        root = self.root
+        if root.is_dir() and any(root.iterdir()) and not (root / RESOLVED_CONFIG).is_file():
+            raise UsageError(f"output_dir {root} is not empty and holds no earlier pipeline run (no {RESOLVED_CONFIG}); "
+                             "choose a new folder. A pipeline folder is reused (finished stages are kept), never replaced.")
+        if not root.exists():
+            check_output_dir(root, what="output_dir")  # not a symlink, not the current directory, writable
+
+    def run(self) -> PipelineResult:
+        """Check, then run every stage under a lock on the run folder (and on a shared stages folder)."""
+        import contextlib
+
+        from prunetune.outputs import output_lock
+
+        self.check()  # before anything is written
+        self.check_output_dir()
+        stages_root = Path(os.path.normpath(self.config.stages_root().absolute()))  # may be shared: tiny-full reuses the demo's
+        self.stages.total = self.stage_count()
+        with contextlib.ExitStack() as locks:
+            locks.enter_context(output_lock(self.root, "prunetune run"))
+            locks.enter_context(output_lock(stages_root, "prunetune run"))
+            return self._run()
+
+    def _run(self) -> PipelineResult:
+        import yaml
+
+        from prunetune.outputs import atomic_write_text
+        from prunetune.pipeline.results import ReportCollector
+        from prunetune.report import terminal_table, write_report
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.root / RESOLVED_CONFIG, yaml.safe_dump(asdict(self.config), sort_keys=False))
+        report = ReportCollector(self.config.title)
+        self.fingerprint_inputs()
+        dense = self.dense_stage()
+        report.add_dense(dense.result)
+        weights: dict[str, tuple[str, Callable]] = {}  # configuration -> (stage key, loader), for the error stage
+        pruned: dict[str, StageResult] = {}
+        for spec in self.config.prune:
+            stage = pruned[spec.label()] = self.prune_stage(spec)
+            report.add_pruned(spec, stage.result)
+            weights[spec.label()] = (stage.key, layer_error.weights_loader(self, stage.directory / stage.result["model_dir"]))
+        for spec in self.config.recover:
+            structure = next(p.sparsity_type for p in self.config.prune if p.label() == spec.prune)
+            base = pruned[spec.prune]
+            for method in spec.methods:
+                stage = self.recover_stage(spec, method, base)
+                name = report.add_recovered(spec, method, structure, stage.result)
+                weights.update(layer_error.recovered_weights(self, name, method, base, stage))
+        errors = self.error_stage(weights)
+        if errors is not None:
+            report.add_errors(errors.result)
+        report.data.facts = self._facts(dense)
+        report_path = write_report(report.data, self.root)
+        write_json(self.root / "results.json", {"rows": [row.to_dict() for row in report.rows], "facts": report.data.facts,
+                                                "curves": {name: asdict(c) for name, c in report.data.curves.items()},
+                                                "per_layer_error": report.data.errors,
+                                                "executed": self.stages.executed, "reused": self.stages.reused})
+        return PipelineResult(self.root, report_path, report.rows, self.stages.executed, self.stages.reused,
+                              terminal_table(report.rows))
+
+    def _facts(self, dense: StageResult) -> dict:
+        import torch
+
+        from prunetune.outputs import library_versions
+
+        evaluation = dense.result["evaluation"]
+        versions = library_versions()
+        facts = {
+            "model": self.config.model,
+            "evaluation": (evaluation.get("text") or f"{evaluation['dataset']} {self.config.evaluation.split}, "
+                           f"{evaluation['windows']} windows x {evaluation['seqlen']} tokens")
+                          + f" (fingerprint {evaluation['fingerprint']})",
+            "calibration": f"{self.config.calibration.dataset}, {self.config.calibration.nsamples} x "
+                           f"{self.config.calibration.seqlen or 'model context'} tokens, seed {self.config.calibration.seed}",
+            "machine": f"{self.device()}, {torch.get_num_threads()} threads, {platform.machine()}",
+            "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
+        }
+        if self.config.stages_dir is not None:
+            facts["stages"] = str(self.config.stages_root())
+        return facts
+
+
+def run_pipeline(config: PipelineConfig, listener: Callable[[StageEvent], None] | None = None) -> PipelineResult:
+    """Run (or reuse) every stage of ``config`` and write its report; ``listener`` hears each stage start and end."""
+    return Pipeline(config, listener).run()

@@ -1,0 +1,88 @@
+"""Results tables and plots: a report people would rather look at than read.
+
+Input is plain data gathered by the pipeline (:class:`ReportData`: one :class:`ResultRow` per
+configuration, the curves of each recovery run, the per-layer output error of each
+configuration); output is a terminal table, ``report.md`` and PNG plots. Nothing here runs a
+model. ``tables`` builds the table, ``plots`` draws the figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prunetune.outputs import atomic_write_text
+from prunetune.report.tables import ResultRow, headers, markdown_table, table_notes, terminal_table
+
+
+@dataclass
+class RecoveryCurve:
+    """What one recovery run logged, against tokens trained (optimizer steps x global batch x block size).
+
+    ``perplexity`` is exp(eval_loss) on held-out blocks the run never trains on, the first point
+    (0 tokens) being the pruned model; ``dense_perplexity`` is the dense model on the same blocks.
+    """
+
+    loss: list[tuple[int, float]] = field(default_factory=list)  # (tokens, training loss)
+    perplexity: list[tuple[int, float]] = field(default_factory=list)  # (tokens, held-out perplexity)
+    dense_perplexity: float | None = None
+    text: str = ""  # which held-out text, when the run said
+
+
+@dataclass
+class ReportData:
+    title: str
+    rows: list[ResultRow] = field(default_factory=list)
+    curves: dict[str, RecoveryCurve] = field(default_factory=dict)  # recovery configuration -> its curves
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)  # configuration -> qualified layer -> error
+    error_source: str = ""  # the inputs the errors were measured on
+    facts: dict[str, str] = field(default_factory=dict)  # model, data fingerprints, machine, ...
+
+
+PLOTS = {"perplexity": "perplexity.png", "curve": "perplexity_curve.png", "loss": "loss_curves.png",
+         "errors": "reconstruction_error.png"}
+OLD_PLOTS = ("sparsity_heatmap.png",)  # written by earlier versions; removed from a reused run folder
+
+
+def _curve_caption(curves: dict[str, RecoveryCurve]) -> str:
+    texts = sorted({c.text for c in curves.values() if c.perplexity and c.text})
+    on = f" on {'; '.join(texts)}" if texts else " on held-out blocks of the recovery data"
+    return (f"Held-out perplexity (exp of the Trainer's eval_loss){on}, text no run trains on: at 0 tokens the pruned "
+            "model, then every eval_steps optimizer steps. Dashed: the dense model on the same blocks. "
+            "Tokens trained = steps x global batch x block size.")
+
+
+def write_report(data: ReportData, out_dir: Path) -> Path:
+    """Write report.md and the PNG plots into ``out_dir``; returns the report path."""
+    from prunetune.report import plots
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots.plot_perplexity(data.rows, out_dir / PLOTS["perplexity"])
+    sections = [f"# {data.title}", "", markdown_table(data.rows), ""]
+    if data.facts:
+        sections += ["| fact | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in data.facts.items()] + [""]
+    sections += [f"![perplexity per configuration]({PLOTS['perplexity']})", ""]
+    if any(curve.perplexity for curve in data.curves.values()):
+        plots.plot_perplexity_curves(data.curves, out_dir / PLOTS["curve"])
+        sections += [f"![held-out perplexity against tokens trained]({PLOTS['curve']})", "", _curve_caption(data.curves), ""]
+    if any(curve.loss for curve in data.curves.values()):
+        plots.plot_loss_curves(data.curves, out_dir / PLOTS["loss"])
+        sections += [f"![training loss against tokens trained]({PLOTS['loss']})", ""]
+    if data.errors:
+        plots.plot_error_heatmaps(data.errors, out_dir / PLOTS["errors"], data.error_source)
+        sections += [f"![per-layer output error of each configuration]({PLOTS['errors']})", "",
+                     "Per-layer relative output error ||XWᵀ − XW'ᵀ||_F / ||XWᵀ||_F of each configuration's weights W' "
+                     "against the dense weights W, X being the dense model's inputs to the layer"
+                     + (f" ({data.error_source})" if data.error_source else "")
+                     + "; recovered models as evaluated (lora: W + BA merged).", ""]
+    path, report = out_dir / "report.md", "\n".join(sections)
+    atomic_write_text(path, report)
+    for name in (*PLOTS.values(), *OLD_PLOTS):  # plots of an earlier run that this one has no data for
+        if f"]({name})" not in report:
+            (out_dir / name).unlink(missing_ok=True)
+    return path
+
+
+__all__ = ["PLOTS", "RecoveryCurve", "ReportData", "ResultRow", "headers", "markdown_table", "table_notes",
+           "terminal_table", "write_report"]
