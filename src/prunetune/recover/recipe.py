@@ -16,9 +16,7 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -27,14 +25,15 @@ import torch
 from transformers import Trainer, default_data_collator
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from prunetune.errors import UsageError, require
 from prunetune.recover.args import DataArguments, ModelArguments, RecoveryArguments, RecoveryTrainingArguments
 from prunetune.recover.base import base_layers, zero_fraction
-from prunetune.recover.callbacks import SparsityGuard, TrainingProgress, last_checkpoint
+from prunetune.recover.callbacks import SparsityGuard, TrainingProgress
 from prunetune.recover.full import setup_full
 from prunetune.recover.lora import setup_lora, setup_masked_lora
+from prunetune.recover.data_plan import DataPlan, HeldOutText, check_held_out, evaluates_during_training, plan_data  # noqa: F401
+from prunetune.recover.run_folder import prepare_output_dir, resolve_resume  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -76,69 +75,6 @@ class RecoveryResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def resolve_resume(args: RecoveryTrainingArguments, method: str) -> Path | None:
-    """The checkpoint folder ``--resume_from_checkpoint`` names (``latest``: the last complete one), checked.
-
-    Raises:
-        UsageError: no such checkpoint, an incomplete one, or one written by another recovery method.
-    """
-    from prunetune.recover.callbacks import checkpoint_info
-
-    resume = args.resume_from_checkpoint
-    if not resume:
-        return None
-    output_dir = Path(args.output_dir)
-    if resume.lower() in ("true", "latest", "last"):
-        found = last_checkpoint(output_dir)
-        require(found is not None, f"--resume_from_checkpoint {resume}: no complete {PREFIX_CHECKPOINT_DIR}-N folder in {output_dir}.")
-        resume = found
-    resume_dir = Path(resume)
-    require((resume_dir / "trainer_state.json").exists(),
-            f"--resume_from_checkpoint {resume_dir} is not a Trainer checkpoint (no trainer_state.json in it).")
-    info = checkpoint_info(resume_dir)
-    if info is not None and info.get("recovery_method", method) != method:
-        raise UsageError(f"--resume_from_checkpoint {resume_dir} was written by --recovery_method {info['recovery_method']}, "
-                         f"not {method}; resume with --recovery_method {info['recovery_method']} or start a new run.")
-    has_adapter = (resume_dir / "adapter_config.json").exists()
-    has_model = (resume_dir / "config.json").exists()
-    if method == "full" and has_adapter and not has_model:
-        raise UsageError(f"--resume_from_checkpoint {resume_dir} holds a LoRA adapter, but --recovery_method full resumes "
-                         "from a full model checkpoint; give the --recovery_method the run was started with.")
-    if method != "full" and has_model and not has_adapter:
-        raise UsageError(f"--resume_from_checkpoint {resume_dir} holds a full model (recovery_method full), but "
-                         f"--recovery_method {method} resumes from an adapter checkpoint; give --recovery_method full.")
-    if method != "full" and has_adapter:
-        from prunetune.recover.masked_lora import is_masked_config
-
-        saved = json.loads((resume_dir / "adapter_config.json").read_text(encoding="utf-8"))
-        saved_method = "masked_lora" if is_masked_config(saved) else "lora"
-        require(saved_method == method, f"--resume_from_checkpoint {resume_dir} holds a {saved_method} adapter; resume it with "
-                                        f"--recovery_method {saved_method}.")
-    return resume_dir
-
-
-def prepare_output_dir(args: RecoveryTrainingArguments, method: str) -> Path | None:
-    """Check ``--output_dir`` and resolve ``--resume_from_checkpoint``; return the checkpoint folder.
-
-    A new run needs an empty or missing folder; ``--overwrite_output_dir`` replaces a folder a
-    prunetune run wrote, leaving nothing of the old run (adapter, model, manifests, checkpoints).
-    Only the main process acts; call it under :func:`prunetune.outputs.output_lock`.
-    """
-    from prunetune.outputs import check_output_dir, current_umask
-
-    resume_dir = resolve_resume(args, method)
-    if resume_dir is not None or args.process_index != 0:
-        return resume_dir
-    output_dir = check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir)
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        logger.warning("--overwrite_output_dir: replacing %s (the previous run's files are removed)", output_dir)
-        os.replace(output_dir, old)
-        shutil.rmtree(old, ignore_errors=True)
-    output_dir.mkdir(parents=True, exist_ok=True, mode=0o777 & ~current_umask())
-    return None
 
 
 def resolve_dtype(model_args: ModelArguments, recovery_args: RecoveryArguments, device: torch.device) -> str:
@@ -201,98 +137,6 @@ def resolve_block_size(model, data_args: DataArguments) -> int:
     block_size = data_args.block_size or min(1024, limit or 1024)
     require(limit is None or block_size <= limit, f"--block_size {block_size} exceeds the model's {limit} positions; use {limit} or less.")
     return block_size
-
-
-@dataclass(frozen=True)
-class DataPlan:
-    """Which text trains and which text is scored, and the options that named them (for messages).
-
-    ``*_percent`` is the ``validation_percent`` of :mod:`prunetune.data`: the part of a local
-    source without split files that is held out (validation/test) and never trained on.
-    """
-
-    train_source: str
-    train_flag: str
-    train_percent: float
-    eval_source: str
-    eval_flag: str
-    eval_percent: float
-
-
-def plan_data(model_args: ModelArguments, data_args: DataArguments) -> DataPlan:
-    """``--train_file`` / ``--dataset_name`` (default: the model's, see :mod:`prunetune.defaults`) trains;
-    ``--validation_file`` is scored whole, else the training source's held-out part or own split."""
-    from prunetune.defaults import default_data
-
-    train = data_args.training_source or default_data("training", model_args.model_name_or_path)
-    percent = float(data_args.validation_split_percentage)
-    if data_args.validation_file:
-        return DataPlan(train, data_args.training_flag, 0.0, data_args.validation_file, "--validation_file", 0.0)
-    return DataPlan(train, data_args.training_flag, percent, train, data_args.training_flag, percent)
-
-
-def check_held_out(plan: DataPlan) -> None:
-    """Refuse to score the text the run trains on: a local source without split files and nothing held
-    out (--validation_split_percentage 0), or --validation_file naming the training text. Reads no data."""
-    from prunetune.data import _split_path_field, resolve
-    from prunetune.data.local import SPLIT_STEMS, file_kind
-
-    if plan.eval_percent > 0:
-        return  # the held-out part is never trained on
-    refs = resolve(plan.train_source, plan.train_flag), resolve(plan.eval_source, plan.eval_flag)
-    if any(ref.kind != "local" or ref.protocol is not None for ref in refs):
-        return  # builtin, the hub sources and local copies in their layout keep their splits apart
-    path = _split_path_field(plan.train_source)[0].resolve()
-    if path != _split_path_field(plan.eval_source)[0].resolve():
-        return
-    split_names = sum(SPLIT_STEMS.values(), ())
-    if path.is_dir() and any(file_kind(p) and p.name.lower().split(".")[0] in split_names for p in path.iterdir()):
-        return  # train.* / validation.* files
-    raise UsageError(
-        f"--do_eval would score {plan.eval_source}, the text the run trains on (nothing of it is held out): a "
-        "perplexity on training text says nothing about the model. Hold part of it out with "
-        "--validation_split_percentage (e.g. 5), or give other text with --validation_file."
-    )
-
-
-class HeldOutText:
-    """The evaluation windows, built once: scored by :func:`prunetune.evaluate.perplexity` before and
-    after training and, with ``--eval_strategy``, by the Trainer during training (the same windows,
-    so the curve and the two numbers agree)."""
-
-    def __init__(self, tokenizer, plan: DataPlan, data_args: DataArguments, seqlen: int, cache_dir: str | None):
-        from prunetune.data import eval_stream
-
-        self.stream, documents = eval_stream(tokenizer, plan.eval_source, seqlen=seqlen, split=data_args.validation_split,
-                                             cache_dir=cache_dir, validation_percent=plan.eval_percent, flag=plan.eval_flag)
-        self.seqlen = seqlen
-        self.windows = self.stream.shape[-1] // seqlen
-        if data_args.max_eval_samples is not None:
-            self.windows = min(self.windows, data_args.max_eval_samples)
-        require(self.windows > 0, f"The evaluation text ({documents.description}) holds {self.stream.shape[-1]} tokens, "
-                                  f"fewer than one window of {seqlen}; lower --eval_seqlen / --block_size or give more text.")
-        self.fingerprint = documents.fingerprint
-        self.description = f"{documents.description}; {self.windows:,} windows of {seqlen} tokens"
-
-    def perplexity(self, model, training_args: RecoveryTrainingArguments, label: str) -> float:
-        from prunetune.evaluate import perplexity
-
-        result = perplexity(model, self.stream, self.seqlen, batch_size=training_args.per_device_eval_batch_size,
-                            max_windows=self.windows, progress=not training_args.disable_tqdm,
-                            autocast_dtype=torch.bfloat16 if training_args.bf16 else None, desc=label)
-        logger.info("%s: %.4f on %s", label, result.perplexity, self.description)
-        return result.perplexity
-
-    def blocks(self):
-        """The windows as a dataset for the Trainer's ``eval_dataset`` (labels = inputs, like training blocks)."""
-        from prunetune.data import BlockDataset
-
-        windows = self.stream.reshape(-1)[: self.windows * self.seqlen].view(self.windows, self.seqlen)
-        return BlockDataset(windows.contiguous(), self.fingerprint, self.description)
-
-
-def evaluates_during_training(args: RecoveryTrainingArguments) -> bool:
-    return args.do_train and IntervalStrategy(args.eval_strategy) != IntervalStrategy.NO
 
 
 def make_trainer(setup, training_args: RecoveryTrainingArguments, train_data, tokenizer=None,
