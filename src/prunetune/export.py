@@ -135,7 +135,7 @@ def tuner_layers_of(model: nn.Module) -> dict[str, nn.Module]:
 
 def _untouched_zeros(peft_model: nn.Module, adapted: dict[str, nn.Module]) -> tuple[int, int]:
     """Zeros and size of the prunable layers that carry no adapter."""
-    from prunetune.recover.base import zero_counts
+    from prunetune.masks import zero_counts
 
     untouched = {name: m for name, m in prunable_weights(peft_model.get_base_model()).items() if name not in adapted}
     return sum(zero_counts(untouched)), sum(m.weight.numel() for m in untouched.values())

@@ -90,15 +90,24 @@ class SparsityReport:
 
 
 @torch.no_grad()
+def zero_counts(layers: dict[str, nn.Module]) -> list[int]:
+    """Exact zeros per layer, with one host sync for all of them (one per device): the one zero counter."""
+    return [int(c) for c in to_host([(m.weight == 0).sum() for m in layers.values()])]
+
+
+def zero_fraction(layers: dict[str, nn.Module]) -> float:
+    total = sum(m.weight.numel() for m in layers.values())
+    return sum(zero_counts(layers)) / total if total else 0.0
+
+
+@torch.no_grad()
 def measure_sparsity(model: nn.Module) -> SparsityReport:
     """Count exact zeros in every prunable layer of every decoder block."""
     report = SparsityReport()
-    for block in find_decoder_blocks(model):
-        for relative, module in block.linears.items():
-            weight = module.weight
-            report.modules.append(
-                ModuleSparsity(block.index, block.qualified(relative), relative, int((weight == 0).sum()), weight.numel())
-            )
+    entries = [(block, relative, module) for block in find_decoder_blocks(model) for relative, module in block.linears.items()]
+    counts = zero_counts({block.qualified(relative): module for block, relative, module in entries})
+    for (block, relative, module), zeros in zip(entries, counts):
+        report.modules.append(ModuleSparsity(block.index, block.qualified(relative), relative, zeros, module.weight.numel()))
     return report
 
 
@@ -130,13 +139,6 @@ class MaskSet:
         if missing:
             raise KeyError(f"masked layers not in the model: {missing[:3]}")
         return {name: modules[name] for name in self.masks}
-
-    @torch.no_grad()
-    def apply(self, model: nn.Module) -> None:
-        """Zero every pruned weight in place."""
-        for name, module in self.layers(model).items():
-            weight = weight_matrix(module)
-            weight.mul_(self.masks[name].to(device=weight.device, dtype=weight.dtype))
 
     def sparsity(self) -> float:
         total = sum(m.numel() for m in self.masks.values())

@@ -127,17 +127,17 @@ def test_frozen_base_check_sees_a_zero_that_moved():
     layers = prunable_layers(model)
     check = FrozenBaseCheck(layers)
     assert check.violations() == {}
-    assert check.zero_counts() == {name: int((m.weight == 0).sum()) for name, m in layers.items()}
+    assert check.zeros == {name: int((m.weight == 0).sum()) for name, m in layers.items()}
     assert check.digests() == mask_digests(model)
     weight = weight_matrix(layers[FIRST])
     zero, nonzero = int((weight[0] == 0).nonzero()[0]), int((weight[0] != 0).nonzero()[0])
     with torch.no_grad():
         weight[0, zero], weight[0, nonzero] = 0.25, 0.0  # the count is unchanged
-    assert int((weight == 0).sum()) == check.zero_counts()[FIRST]
+    assert int((weight == 0).sum()) == check.zeros[FIRST]
     assert check.violations() == {FIRST: 1}
     with torch.no_grad():
         weight[weight == 0] = 1.0  # every pruned weight revived
-    assert check.violations() == {FIRST: check.zero_counts()[FIRST]}
+    assert check.violations() == {FIRST: check.zeros[FIRST]}
 
 
 def test_frozen_base_check_on_conv1d_and_after_peft_wraps():

@@ -33,7 +33,7 @@ from torch import nn
 from prunetune.errors import UsageError
 from prunetune.masks import layer_digests
 from prunetune.modules import weight_matrix
-from prunetune.recover.base import zero_counts
+from prunetune.masks import zero_counts
 from prunetune.recover.masked_lora import (
     MASKED_PEFT_TYPE,
     MaskedLoraConfig,

@@ -26,7 +26,7 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from prunetune.masks import digest_packed, pack_layer, popcount, to_host
+from prunetune.masks import digest_packed, pack_layer, popcount, to_host, zero_counts, zero_fraction  # noqa: F401 (re-exported)
 from prunetune.modules import prunable_layers, weight_param_shape
 
 
@@ -53,16 +53,6 @@ def device_mask(kept: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     kept = kept.to(weight.device)
     return kept if weight.is_cuda else kept.to(weight.dtype)
 
-
-@torch.no_grad()
-def zero_counts(layers: dict[str, nn.Module]) -> list[int]:
-    """Exact zeros per layer, with one host sync for all of them (one per device)."""
-    return [int(c) for c in to_host([(m.weight == 0).sum() for m in layers.values()])]
-
-
-def zero_fraction(layers: dict[str, nn.Module]) -> float:
-    total = sum(m.weight.numel() for m in layers.values())
-    return sum(zero_counts(layers)) / total if total else 0.0
 
 
 class FrozenBaseCheck:
@@ -102,9 +92,6 @@ class FrozenBaseCheck:
 
     def sparsity(self) -> float:
         return zero_fraction(self.layers)
-
-    def zero_counts(self) -> dict[str, int]:
-        return dict(self.zeros)
 
     def digests(self, names: list[str] | None = None) -> dict[str, str]:
         """Qualified name -> :func:`prunetune.masks.mask_digest` of the mask taken at construction."""
