@@ -63,3 +63,14 @@ def save_model_folder(path, arch: str = "llama", seed: int = 0):
     model.save_pretrained(path, safe_serialization=True)
     make_tokenizer().save_pretrained(path)
     return model
+
+
+def prune_half_rows(model):
+    """Zero the smaller-magnitude half of every row of every prunable layer (a 50% pruned model); returns it."""
+    from prunetune.modules import prunable_layers, weight_matrix
+
+    with torch.no_grad():
+        for module in prunable_layers(model).values():
+            weight = weight_matrix(module)
+            weight.scatter_(1, weight.abs().argsort(dim=1)[:, : weight.shape[1] // 2], 0.0)
+    return model

@@ -22,7 +22,7 @@ import shutil
 
 import pytest
 import torch
-from factories import make_model, make_tokenizer, save_model_folder
+from factories import make_model, make_tokenizer, prune_half_rows, save_model_folder
 
 from prunetune.cli import main
 from prunetune.errors import UsageError
@@ -179,16 +179,12 @@ def assets(tmp_path_factory):
 def _recovery_assets(root):
     """A pruned model, its masked adapter (whole, truncated, unfinished), a full run's checkpoint, an unfinished model."""
 
-    from prunetune.modules import prunable_layers, weight_matrix
     from prunetune.outputs import write_json
     from prunetune.recover.args import RecoveryArguments
     from prunetune.recover.lora import setup_masked_lora
 
     model = make_model("llama")
-    with torch.no_grad():
-        for module in prunable_layers(model).values():
-            weight = weight_matrix(module)
-            weight.scatter_(1, weight.abs().argsort(dim=1)[:, : weight.shape[1] // 2], 0.0)
+    prune_half_rows(model)
     model.save_pretrained(root / "pruned")
     make_tokenizer().save_pretrained(root / "pruned")
     setup = setup_masked_lora(model, RecoveryArguments(recovery_method="masked_lora", lora_r=4))

@@ -10,11 +10,9 @@ import json
 import random
 
 import pytest
-import torch
-from factories import make_tokenizer, save_model_folder
+from factories import make_tokenizer, prune_half_rows, save_model_folder
 
 from prunetune.cli import main
-from prunetune.modules import prunable_layers, weight_matrix
 
 WORDS = ["the", "model", "prunes", "weights", "and", "recovers", "accuracy", "with", "low", "rank", "adapters", "sparse", "masks"]
 
@@ -31,10 +29,7 @@ def _shard(path, documents, rng):
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("c4-recover")
     model = save_model_folder(root / "pruned", "llama")
-    with torch.no_grad():
-        for module in prunable_layers(model).values():
-            weight = weight_matrix(module)
-            weight.scatter_(1, weight.abs().argsort(dim=1)[:, : weight.shape[1] // 2], 0.0)
+    prune_half_rows(model)
     model.save_pretrained(root / "pruned")
     make_tokenizer().save_pretrained(root / "pruned")
     rng = random.Random(0)
