@@ -74,3 +74,46 @@ def prune_half_rows(model):
             weight = weight_matrix(module)
             weight.scatter_(1, weight.abs().argsort(dim=1)[:, : weight.shape[1] // 2], 0.0)
     return model
+
+
+class lock_held_elsewhere:
+    """Another process holding prunetune's lock on ``path`` (as a second run would); ``pid`` is its id."""
+
+    def __init__(self, path, command: str):
+        self.path, self.command = str(path), command
+
+    def __enter__(self):
+        import subprocess
+        import sys
+        import textwrap
+
+        self.process = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import time
+            from prunetune.outputs import output_lock
+            with output_lock({self.path!r}, {self.command!r}):
+                print("locked", flush=True)
+                time.sleep(60)
+            """)], stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().strip() == "locked"
+        self.pid = self.process.pid
+        return self
+
+    def __exit__(self, *exc):
+        self.process.kill()
+        self.process.wait()
+
+
+class Killed(Exception):
+    """What KillAfterSave raises: the process 'died'."""
+
+
+def kill_after_save(step: int):
+    """A TrainerCallback that dies right after the checkpoint of ``step`` is on disk, like a preempted job."""
+    from transformers import TrainerCallback
+
+    class KillAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise Killed()
+
+    return KillAfterSave()

@@ -7,12 +7,10 @@ on resume really applies).
 import json
 import os
 import stat
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from factories import lock_held_elsewhere
 from test_recover_cli import recover_args, workspace  # noqa: F401  (module fixture)
 from test_recover_resume import KillAfterSave, Killed, run
 
@@ -138,22 +136,11 @@ def test_an_unfinished_run_is_refused_by_its_readers(workspace, tmp_path, capsys
 
 def test_a_second_run_into_a_locked_folder_is_refused_and_names_the_first(tmp_path, capsys):
     out = tmp_path / "busy"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time
-        from prunetune.outputs import output_lock
-        with output_lock({str(out)!r}, "prunetune recover"):
-            print("locked", flush=True)
-            time.sleep(60)
-        """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(out, "prunetune recover") as holder:
         assert main(prune_args(out)) == 2
         message = err(capsys)
         assert f"process {holder.pid}" in message and "prunetune recover" in message
         assert not out.exists()
-    finally:
-        holder.kill()
-        holder.wait()
     assert main(prune_args(out)) == 0  # released when its holder died
     assert not list(tmp_path.glob(".busy.lock*"))  # and no lock file is left behind
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import yaml
-from factories import save_model_folder
+from factories import lock_held_elsewhere, save_model_folder
 
 from prunetune.cli import main
 from prunetune.pipeline import (
@@ -274,26 +274,10 @@ def test_run_folder_is_never_a_foreign_folder_and_is_locked(setup, tmp_path, cap
     assert main(["run", _write(tmp_path, {**config, "output_dir": str(foreign)})]) == 2
     assert "holds no earlier pipeline run" in " ".join(capsys.readouterr().err.split())
     assert sorted(p.name for p in foreign.iterdir()) == ["draft.tex"]
-    import subprocess
-    import sys
-    import textwrap
-
     run_dir = tmp_path / "locked"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import time
-        from prunetune.outputs import output_lock
-        with output_lock({str(run_dir)!r}, "prunetune run"):
-            print("locked", flush=True)
-            time.sleep(60)
-        """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(run_dir, "prunetune run") as holder:
         assert main(["run", _write(tmp_path, {**config, "output_dir": str(run_dir)})]) == 2
         assert f"process {holder.pid}" in " ".join(capsys.readouterr().err.split())
-    finally:
-        holder.kill()
-        holder.wait()
-
 
 def _write(folder, config):
     path = folder / f"config-{len(list(folder.glob('config-*.yaml')))}.yaml"

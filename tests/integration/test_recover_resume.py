@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from factories import Killed, kill_after_save
 from test_recover_cli import workspace  # noqa: F401  (module fixture)
 from transformers import TrainerCallback
 
@@ -15,19 +16,8 @@ from prunetune.recover.recipe import recover
 
 
 
-class Killed(Exception):
-    pass
-
-
-class KillAfterSave(TrainerCallback):
-    """Dies right after the checkpoint of ``step`` is on disk, like a preempted job."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Killed()
+def KillAfterSave(step):  # noqa: N802 (kept as the name the tests use)
+    return kill_after_save(step)
 
 
 class PoisonWeights(TrainerCallback):

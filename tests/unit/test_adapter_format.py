@@ -7,11 +7,11 @@ import random
 
 import pytest
 import torch
-from factories import make_tokenizer, random_tokens
+from factories import Killed, make_tokenizer, random_tokens
+from factories import kill_after_save as KillAfterSave
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from test_masked_lora import pruned_model
-from transformers import TrainerCallback
 
 from prunetune.export import merge_adapter
 from prunetune.modules import prunable_layers
@@ -117,19 +117,6 @@ def test_readme_names_the_base_model(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- the Trainer's checkpoints
 
 
-class Killed(Exception):
-    pass
-
-
-class KillAfterSave(TrainerCallback):
-    """Dies right after the checkpoint of ``step`` is on disk, like a preempted job."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Killed()
 
 
 @pytest.fixture(scope="module")
