@@ -168,16 +168,20 @@ def file_identity(name: str, path: str | Path, sha256_cache: dict | None = None)
         name: what the user gave (a path, or a key of :data:`PACKAGED`).
         path: the file it resolved to.
         sha256_cache: a dict the caller owns, shared by the calls that should hash the file once;
-            keyed by path, size and mtime, so a replaced file is hashed again. None: hash every time.
+            keyed by path, size and mtime, so a replaced file is hashed again; or a pipeline's
+            :class:`~prunetune.pipeline.fingerprints.FingerprintCache`. None: hash every time.
     """
     file = Path(path).resolve()
     stat = file.stat()
-    key = (str(file), stat.st_size, stat.st_mtime_ns)
-    digest = sha256_cache.get(key) if sha256_cache is not None else None
-    if digest is None:
-        digest = file_sha256(file)
-        if sha256_cache is not None:
-            sha256_cache[key] = digest
+    if hasattr(sha256_cache, "file"):  # a pipeline's FingerprintCache: digests kept between runs
+        digest = sha256_cache.file(file)
+    else:
+        key = (str(file), stat.st_size, stat.st_mtime_ns)
+        digest = sha256_cache.get(key) if sha256_cache is not None else None
+        if digest is None:
+            digest = file_sha256(file)
+            if sha256_cache is not None:
+                sha256_cache[key] = digest
     identity = {"format": "gguf", "path": str(file), "bytes": stat.st_size, "sha256": digest}
     packaged = PACKAGED.get(name)
     if packaged is not None:

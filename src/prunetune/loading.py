@@ -311,7 +311,7 @@ def load_config(name_or_path: str, options: LoadOptions | None = None):
         raise _hub_failure("model config", name_or_path, path, options, err) from err
 
 
-def model_identity(name_or_path: str, sha256_cache: dict | None = None) -> dict:
+def model_identity(name_or_path: str, sha256_cache=None) -> dict:
     """What a manifest records about the model a name loads.
 
     ``{"model": name_or_path}``, plus ``path`` for a local folder, and for a GGUF file (a named
@@ -322,7 +322,8 @@ def model_identity(name_or_path: str, sha256_cache: dict | None = None) -> dict:
     Args:
         name_or_path: what the user gave (``--model``, ``model:`` in a pipeline file).
         sha256_cache: a dict the caller owns, passed to every call that should share digests
-            (hashing a GGUF reads the whole file: ~0.3 s per 100 MB). None: hash every time.
+            (hashing a GGUF reads the whole file: ~0.3 s per 100 MB), or a pipeline's
+            FingerprintCache. None: hash every time.
     """
     path = resolve_model_path(name_or_path)
     if is_gguf_model(path):

@@ -276,3 +276,51 @@ def test_eval_cli_takes_a_folder_holding_a_gguf(gguf_file, tmp_path, capsys):
     (tmp_path / "data" / "test.txt").write_text(TEXT * 40)  # the test split, whole
     assert main(["eval", "--model", str(gguf_file.parent), "--dataset", str(tmp_path / "data"), "--seqlen", "64"]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_pipeline_dequantizes_a_gguf_once_and_records_its_digest(gguf_file, tmp_path, monkeypatch):
+    """The dense stage keeps a safetensors copy; the other stages load it (same tensors), not the GGUF."""
+    from prunetune import loading
+    from prunetune.pipeline import load_config, run_pipeline
+
+    gguf_loads = []
+    real_load = loading.load_model
+
+    def counting_load(name, options=None):
+        if str(name).endswith(".gguf"):
+            gguf_loads.append(name)
+        return real_load(name, options)
+
+    monkeypatch.setattr(loading, "load_model", counting_load)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 200)
+    raw = {"model": str(gguf_file), "output_dir": str(tmp_path / "run"), "dtype": "float32", "device": "cpu",
+           "progress": False, "calibration": {"dataset": str(text), "nsamples": 2, "seqlen": 32},
+           "evaluation": {"dataset": str(text), "seqlen": 32, "max_windows": 2}, "reconstruction_windows": 1,
+           "prune": [{"method": "wanda", "sparsity_ratio": 0.5}, {"method": "magnitude", "sparsity_ratio": 0.5}]}
+    result = run_pipeline(load_config(raw))
+    assert len(result.executed) == 4 and len(gguf_loads) == 1  # dense, 2 prunes, per-layer error
+    copy = tmp_path / "run" / "stages" / "dense" / "model"
+    direct = real_load(str(gguf_file)).state_dict()
+    assert all(torch.equal(direct[k], v) for k, v in real_load(str(copy)).state_dict().items())
+    digest = hashlib.sha256(gguf_file.read_bytes()).hexdigest()
+    manifest = json.loads((tmp_path / "run" / "stages" / "prune_wanda_50pct" / "model" / "prunetune.json").read_text())
+    assert manifest["base_model_identity"]["sha256"] == digest
+    # the copy did not change any figure: pruning the GGUF directly gives the same perplexity
+    rows = {row.name: row.perplexity for row in result.rows}
+    monkeypatch.setattr("prunetune.pipeline.run.Pipeline.load_dense",
+                        lambda self: real_load(str(gguf_file), self.load_options()))
+    raw["output_dir"] = str(tmp_path / "again")
+    again = {row.name: row.perplexity for row in run_pipeline(load_config(raw)).rows}
+    assert again == rows
+
+
+def test_prune_manifest_records_the_gguf_digest(gguf_file, tmp_path):
+    from prunetune.cli import main
+
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(gguf_file), "--prune_method", "magnitude", "--sparsity_ratio", "0.5",
+                 "--eval_dataset", "none", "--save_model", str(out)]) == 0
+    identity = json.loads((out / "prunetune.json").read_text())["base_model_identity"]
+    assert identity["sha256"] == hashlib.sha256(gguf_file.read_bytes()).hexdigest()
+    assert identity["format"] == "gguf"

@@ -63,7 +63,7 @@ def main(argv: list[str]) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from prunetune.export import merge_adapter, save_merged
-    from prunetune.loading import load_model, load_tokenizer, resolve_model_path
+    from prunetune.loading import load_model, load_tokenizer, model_identity, resolve_model_path
     from prunetune.outputs import read_manifest, write_json
     from prunetune.recover.adapter import apply_adapter, read_adapter_config
     from prunetune.recover.masked_lora import is_masked_config
@@ -101,6 +101,7 @@ def _merge(args: argparse.Namespace) -> int:
     base_manifest = read_manifest(resolve_model_path(args.model)) or {}
     manifest = {
         **{k: v for k, v in base_manifest.items() if k not in ("versions", "sparsity")},
+        "merged_into": model_identity(args.model),
         "merged_adapter": {"path": args.adapter, "method": method, "remasked": args.remask,
                            "adapter_manifest": read_manifest(args.adapter) or {}},
     }

@@ -194,7 +194,10 @@ def _run(args: argparse.Namespace, config) -> int:
         write_json(Path(args.save) / REPORT_NAME, payload)
         print(f"report: {Path(args.save) / REPORT_NAME}")
     if args.save_model:
-        manifest = {"stage": "prune", "base_model": args.model, "trust_remote_code": args.trust_remote_code,
+        from prunetune.loading import model_identity
+
+        manifest = {"stage": "prune", "base_model": args.model, "base_model_identity": model_identity(args.model),
+                    "trust_remote_code": args.trust_remote_code,
                     **{k: v for k, v in payload.items() if k != "block_timings"}}
         save_model_dir(model, tokenizer, args.save_model, manifest, overwrite=args.overwrite,
                        extra_files={REPORT_NAME: payload} if report_in_model else None)

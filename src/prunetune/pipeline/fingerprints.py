@@ -108,12 +108,15 @@ def data_identity(source: str, cache: FingerprintCache) -> str | dict:
 def model_identity(name: str, cache: FingerprintCache, trust_remote_code: bool = False) -> str | dict:
     """What a stage key records for a model: a local folder by the content of what loading reads.
 
-    A hub id is recorded by name (its files live in the Hugging Face cache, and its revision is
-    not pinned by the config).
+    A GGUF file (or a named model such as ``smollm2-135m``) by its sha256, path and size; a hub
+    id by name (its files live in the Hugging Face cache, and its revision is not pinned by the
+    config).
     """
-    from prunetune.loading import resolve_model_path
+    from prunetune import loading
 
-    folder = Path(resolve_model_path(name))
+    folder = Path(loading.resolve_model_path(name))
+    if loading.is_gguf_model(str(folder)):
+        return loading.model_identity(name, cache)
     if not folder.is_dir():
         return name
     folder = folder.resolve()

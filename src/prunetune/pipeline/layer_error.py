@@ -37,10 +37,9 @@ def error_stage(pipeline, configurations: dict[str, tuple[str, Loader]]) -> Stag
         from prunetune.analysis import input_grams, layer_weights, reconstruction_errors
         from prunetune.data import calibration_samples
         from prunetune.evaluate import default_seqlen
-        from prunetune.loading import load_model
         from prunetune.pruning.api import DEFAULT_SEQLEN_CAP
 
-        dense = load_model(pipeline.config.model, pipeline.load_options())
+        dense = pipeline.load_dense()
         seqlen = calibration.seqlen or default_seqlen(dense, cap=DEFAULT_SEQLEN_CAP)
         # the first of the windows pruning calibrated on: same source, seed and length
         token_ids = calibration_samples(pipeline.tokenizer(), calibration.dataset, windows, seqlen, seed=calibration.seed)

@@ -100,7 +100,7 @@ def run_recovery(pipeline, directory: Path, pruned_dir: Path, method: str, setti
     if held_out is not None:  # which text the curve is on, where the recipe says (recovery.json)
         summary["eval_text"] = _recipe_results(train_dir).get("evaluation_text") or ""
     if held_out is not None and held_out.input_ids is not None:  # the reference: the dense model on the same blocks
-        dense = load_model(config.model, pipeline.load_options())
+        dense = pipeline.load_dense()
         summary["eval_dense_perplexity"] = held_out.perplexity(dense, settings["per_device_eval_batch_size"])
         del dense
     if model_args.dtype != config.dtype:

@@ -341,6 +341,7 @@ def _save(trainer: Trainer, setup) -> None:
 
 def _write_manifest(setup, model_args: ModelArguments, result: RecoveryResult, complete: bool) -> None:
     """``prunetune.json`` of the output folder; ``complete`` is true only once everything else is written."""
+    from prunetune.loading import model_identity
     from prunetune.outputs import MANIFEST_NAME, library_versions, read_manifest, write_json
 
     base_manifest = read_manifest(_model_path(model_args.model_name_or_path)) or {}
@@ -348,6 +349,7 @@ def _write_manifest(setup, model_args: ModelArguments, result: RecoveryResult, c
         "kind": "adapter" if setup.saves_adapter else "model",
         "complete": complete,
         "base_model": model_args.model_name_or_path,
+        "base_model_identity": model_identity(model_args.model_name_or_path),
         "base_config": model_args.config_name,
         "trust_remote_code": model_args.trust_remote_code,
         "pruning": base_manifest.get("pruning", {k: v for k, v in base_manifest.items() if k not in ("versions", "complete")}),
