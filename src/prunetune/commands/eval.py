@@ -1,6 +1,8 @@
-"""``prunetune eval``: perplexity by the papers' protocol, optionally with a LoRA adapter.
+"""``prunetune eval``: perplexity by the papers' protocol and/or zero-shot accuracy, optionally with a LoRA adapter.
 
 Accepts the seed's evaluate_ppl.py flags (``--model``, ``--lora_weights``, ``--ctx_length``).
+``--tasks`` scores lm-eval tasks on the model as loaded here (a masked LoRA adapter applied
+masked); with ``--tasks`` alone only they run, with ``--dataset`` too both do.
 """
 
 from __future__ import annotations
@@ -15,57 +17,111 @@ from prunetune.outputs import check_output_file
 
 logger = logging.getLogger(__name__)
 
+SEVEN = "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunetune eval", description=__doc__)
     add_model_arguments(parser)
-    parser.add_argument("--dataset", default=None, help=f"evaluation data: {describe_sources()} ({DEFAULT_DATA_HELP['evaluation']})")
+    parser.add_argument("--dataset", default=None, help=f"evaluation data: {describe_sources()} ({DEFAULT_DATA_HELP['evaluation']}; "
+                                                        "with --tasks: no perplexity unless given)")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split of builtin/local/wikitext2/ptb data (C4 always uses its validation shard)")
     parser.add_argument("--seqlen", "--ctx_length", dest="seqlen", type=int, default=None, help="window length (default: the model's context, capped at 2048)")
-    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass (perplexity); requests per forward pass (--tasks)")
     parser.add_argument("--max_windows", type=int, default=None, help="score only the first N windows")
     parser.add_argument("--lora_weights", default=None, help="a PEFT adapter folder to apply before evaluating")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the result as JSON to this file")
+    zeroshot = parser.add_argument_group("zero-shot accuracy (lm-evaluation-harness: pip install \"prunetune[zeroshot]\")")
+    zeroshot.add_argument("--tasks", default=None, help=f"lm-eval task, group or tag names separated by commas; Wanda's "
+                                                        f"Table 2: {SEVEN} (their data comes from the Hugging Face Hub, or "
+                                                        "from local files through --include_path)")
+    zeroshot.add_argument("--num_fewshot", type=int, default=None, help="examples shown before each question (default: each task's own, 0 for the seven)")
+    zeroshot.add_argument("--limit", default=None, help="score only the first N examples of each task (a whole number, 1 or more)")
+    zeroshot.add_argument("--include_path", default=None, help="a folder of your own task YAMLs, searched before lm-eval's (docs/zeroshot.md)")
     return parser
 
 
+def _zeroshot_settings(args: argparse.Namespace):
+    """The zero-shot settings (None without --tasks); a zero-shot flag without --tasks is refused."""
+    from prunetune.zeroshot import ZeroShotSettings, check_settings, parse_limit, parse_tasks
+
+    if args.tasks is None:
+        given = [flag for flag, value in (("--num_fewshot", args.num_fewshot), ("--limit", args.limit),
+                                          ("--include_path", args.include_path)) if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} applies to zero-shot tasks, and no --tasks was given; add --tasks (e.g. "
+                             f"--tasks {SEVEN}) or drop {given[0]}.")
+        return None
+    settings = ZeroShotSettings(tasks=parse_tasks(args.tasks), num_fewshot=args.num_fewshot,
+                                limit=None if args.limit is None else parse_limit(args.limit),
+                                batch_size=args.batch_size, include_path=args.include_path)
+    check_settings(settings)
+    return settings
+
+
 def _validate(args: argparse.Namespace):
-    """Every check that needs no model: the data, window sizes, device, adapter and --json path."""
+    """Every check that needs no model: the data, window sizes, tasks, device, adapter and --json path."""
     from prunetune.data import check_source
     from prunetune.evaluate import check_window_options
 
-    check_window_options(args.seqlen, args.batch_size, args.max_windows, flags=True)
-    dataset = args.dataset or default_data("evaluation", args.model, args.lora_weights)
-    check_source(dataset)
+    zeroshot = _zeroshot_settings(args)
+    dataset = None
+    if zeroshot is None or args.dataset is not None:
+        check_window_options(args.seqlen, args.batch_size, args.max_windows, flags=True)
+        dataset = args.dataset or default_data("evaluation", args.model, args.lora_weights)
+        check_source(dataset)
+    else:
+        given = [flag for flag, value in (("--seqlen", args.seqlen), ("--max_windows", args.max_windows)) if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} sets the perplexity windows, and with --tasks alone no perplexity runs; add "
+                             "--dataset (e.g. --dataset wikitext2) to get both, or drop it.")
     if args.lora_weights:
         from prunetune.recover.adapter import read_adapter_config
 
         read_adapter_config(args.lora_weights)
     if args.json_path:
         check_output_file(args.json_path, "--json")
-    return dataset, load_options(args)
+    return dataset, zeroshot, load_options(args)
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    dataset, options = _validate(args)
-    from prunetune.evaluate import autocast_for, check_seqlen, default_seqlen, evaluate_dataset
+    dataset, zeroshot, options = _validate(args)
     from prunetune.loading import load_model, load_tokenizer
     from prunetune.outputs import write_json
 
+    if zeroshot is not None:  # names and data before the model loads: a bad task costs no model load
+        from prunetune.zeroshot import TaskCatalog
+
+        catalog = TaskCatalog(zeroshot.include_path)
+        tasks = catalog.load(zeroshot.tasks)
     tokenizer = load_tokenizer(args.model, options)
     model = load_model(args.model, options)
-    seqlen = default_seqlen(model) if args.seqlen is None else args.seqlen  # 0 is rejected above, not a default
-    check_seqlen(model, seqlen)
+    if dataset is not None:
+        from prunetune.evaluate import check_seqlen, default_seqlen
+
+        seqlen = default_seqlen(model) if args.seqlen is None else args.seqlen  # 0 is rejected above, not a default
+        check_seqlen(model, seqlen)
     if args.lora_weights:
         from prunetune.recover.adapter import apply_adapter
 
         model = apply_adapter(model, args.lora_weights)
-    result = evaluate_dataset(model, tokenizer, dataset, seqlen, batch_size=args.batch_size, split=args.split,
-                              max_windows=args.max_windows, progress=True, autocast_dtype=autocast_for(model),
-                              cache_dir=args.cache_dir)
-    payload = {"model": args.model, "lora_weights": args.lora_weights, **result.to_dict()}
-    print(f"{args.model} on {dataset} ({result.windows} x {seqlen} tokens): perplexity {result.perplexity:.4f}")
+    payload = {"model": args.model, "lora_weights": args.lora_weights}
+    if dataset is not None:
+        from prunetune.evaluate import autocast_for, evaluate_dataset
+
+        result = evaluate_dataset(model, tokenizer, dataset, seqlen, batch_size=args.batch_size, split=args.split,
+                                  max_windows=args.max_windows, progress=True, autocast_dtype=autocast_for(model),
+                                  cache_dir=args.cache_dir)
+        payload.update(result.to_dict())
+        print(f"{args.model} on {dataset} ({result.windows} x {seqlen} tokens): perplexity {result.perplexity:.4f}")
+    if zeroshot is not None:
+        from prunetune.zeroshot import evaluate_zeroshot, format_table
+
+        scores = evaluate_zeroshot(model, tokenizer, zeroshot, catalog=catalog, tasks=tasks).to_dict()
+        payload["zeroshot"] = scores
+        adapter = f" + {args.lora_weights}" if args.lora_weights else ""
+        print(f"{args.model}{adapter}: {format_table(scores)}")
     if not args.json_path:
         print_json(payload)
         return 0

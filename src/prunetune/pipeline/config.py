@@ -30,9 +30,39 @@ class CalibrationSpec:
 class EvaluationSpec:
     dataset: str | None = None  # None: builtin for tiny (and models made from it), else WikiText-2
     seqlen: int | None = None  # None: the model's context, capped at 2048
-    batch_size: int = 8
+    batch_size: int = 8  # windows per forward pass; for tasks, requests per forward pass
     max_windows: int | None = None  # score only the first windows (quick runs)
     split: str = "test"
+    # Zero-shot accuracy on lm-eval tasks for every configuration in the report (pip install "prunetune[zeroshot]"):
+    # a list (or "a,b") of task names, e.g. [boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa].
+    # None: perplexity only. See docs/zeroshot.md.
+    tasks: list[str] | str | None = None
+    num_fewshot: int | None = None  # None: each task's own default (0 for the seven)
+    limit: int | float | None = None  # examples per task, a whole number >= 1 (floats are refused); None: all
+    include_path: str | None = None  # a folder of task YAMLs searched before lm-eval's (tasks on local data)
+
+    def __post_init__(self):
+        """Checks the zero-shot keys: values, then the task names against lm-eval's index (seconds, only with tasks)."""
+        from prunetune.zeroshot import TaskCatalog, check_settings, parse_tasks
+
+        if self.tasks is None:
+            for key in ("num_fewshot", "limit", "include_path"):
+                require(getattr(self, key) is None, f"config.evaluation.{key} applies to zero-shot tasks, and "
+                                                    "config.evaluation.tasks is not set; add tasks (e.g. [boolq, arc_easy]) "
+                                                    f"or drop {key}.")
+            return
+        self.tasks = parse_tasks(self.tasks, "config.evaluation.tasks")
+        check_settings(self.zeroshot_settings(), "config.evaluation.")
+        TaskCatalog(self.include_path).check_names(self.tasks, "config.evaluation.tasks")
+
+    def zeroshot_settings(self):
+        """The :class:`prunetune.zeroshot.ZeroShotSettings` of these keys (None without tasks)."""
+        from prunetune.zeroshot import ZeroShotSettings
+
+        if not self.tasks:
+            return None
+        return ZeroShotSettings(tasks=list(self.tasks), num_fewshot=self.num_fewshot, limit=self.limit,
+                                batch_size=self.batch_size, include_path=self.include_path)
 
 
 @dataclass
@@ -79,8 +109,24 @@ class RecoverySpec:
     eval_steps: int | None = None
     max_eval_samples: int | None = None  # held-out blocks scored each time (None: all of them)
     per_device_eval_batch_size: int = 8
+    # Distillation from a dense teacher (prunetune recover --distill_from): "dense" is this
+    # pipeline's own dense model; any other value a model path or name. null: none.
+    distill_from: str | None = None
+    distill_ce_weight: float = 1.0
+    distill_kl_weight: float = 1.0
+    distill_hidden_weight: float = 0.0
+    distill_temperature: float = 1.0
+    distill_dtype: str = "auto"
+    # A name for this entry's rows and stages ("wanda 50% + full + NAME"): needed when two
+    # entries recover the same pruned model with the same method (e.g. with and without distillation).
+    name: str | None = None
     # Per-method overrides of the keys above, e.g. {full: {learning_rate: 2.0e-5}}.
     method_overrides: dict = field(default_factory=dict)
+
+    def label(self, method: str) -> str:
+        """The configuration's name in the report: ``wanda 50% + masked_lora`` (+ name, or + distill)."""
+        suffix = self.name or ("distill" if self.for_method(method)["distill_from"] else None)
+        return f"{self.prune} + {method}" + (f" + {suffix}" if suffix else "")
 
     def for_method(self, method: str, where: str = "config.recover") -> dict:
         """The settings ``method`` trains with: the keys above, then its ``method_overrides``.
@@ -88,7 +134,7 @@ class RecoverySpec:
         Raises:
             UsageError: an override names an unknown key or holds a value of the wrong type.
         """
-        settings = {k: v for k, v in asdict(self).items() if k not in ("prune", "methods", "method_overrides")}
+        settings = {k: v for k, v in asdict(self).items() if k not in ("prune", "methods", "method_overrides", "name")}
         overrides = self.method_overrides.get(method, {}) or {}
         place = f"{where}.method_overrides.{method}"
         require(isinstance(overrides, dict), f"{place}: {overrides!r} is not a mapping of keys to values.")
@@ -156,6 +202,7 @@ class PipelineConfig:
             raise UsageError(f"config.prune: two entries are both named {sorted(duplicates)[0]!r}; give one a distinct 'name'.")
         for spec in self.prune:  # validates method, ratio and N:M before any work
             self.prune_config(spec)
+        seen: dict[str, str] = {}
         for index, spec in enumerate(self.recover):
             where = f"config.recover[{index}]"
             require(spec.prune in labels, f"{where}.prune: {spec.prune!r} names no prune entry; accepted: {', '.join(labels)}.")
@@ -163,6 +210,10 @@ class PipelineConfig:
                 settings = spec.for_method(method, where)
                 check_source(settings["dataset"])
                 _check_recovery(settings, functools.partial(setting_key, spec, method, where=where))
+                label = spec.label(method)
+                require(label not in seen, f"{where}: {label!r} is also what {seen.get(label)} recovers; give one of "
+                                           "the two entries a distinct 'name' (its rows are named after it).")
+                seen[label] = where
 
     def prune_config(self, spec: PruneSpec):
         """The :class:`prunetune.pruning.PruneConfig` of one prune entry (validates it)."""
@@ -223,6 +274,17 @@ def _check_recovery(settings: dict, key: Callable[[str], str]) -> None:
             "q_proj,v_proj, globs such as self_attn.*, or all-linear.")
     dropout = settings["lora_dropout"]
     require(dropout is None or 0 <= dropout < 1, f"{key('lora_dropout')}: {dropout} is not accepted; give a value in [0, 1) or null.")
+    for name in ("distill_ce_weight", "distill_kl_weight", "distill_hidden_weight"):
+        value = settings[name]
+        require(math.isfinite(value) and value >= 0, f"{key(name)}: {value} is not accepted; give a number of 0 or more.")
+    temperature = settings["distill_temperature"]
+    require(math.isfinite(temperature) and temperature > 0,
+            f"{key('distill_temperature')}: {temperature} is not accepted; give a positive number.")
+    require(settings["distill_dtype"] in ("auto", "bfloat16", "float16", "float32"),
+            f"{key('distill_dtype')}: {settings['distill_dtype']!r} is not accepted; use auto, bfloat16, float16 or float32.")
+    if settings["distill_from"] is not None:
+        require(settings["distill_ce_weight"] + settings["distill_kl_weight"] + settings["distill_hidden_weight"] > 0,
+                f"{key('distill_kl_weight')}: the three distill_*_weight keys are all 0: nothing to train on.")
 
 
 def load_config(path_or_mapping, overrides: dict | None = None) -> PipelineConfig:

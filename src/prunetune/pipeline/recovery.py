@@ -37,9 +37,25 @@ def recovery_dtype(method: str, dtype: str) -> str:
     return dtype
 
 
+# Distillation settings: left out of a stage's key while distillation is off (runs finished
+# before distillation existed stay valid).
+DISTILL_KEYS = ("distill_from", "distill_ce_weight", "distill_kl_weight", "distill_hidden_weight", "distill_temperature",
+                "distill_dtype")
+
+
 def hashed_settings(settings: dict) -> dict:
     """The recovery settings a stage key holds (evaluation-only settings at their defaults left out)."""
-    return {k: v for k, v in settings.items() if not (k in EVAL_DEFAULTS and v == EVAL_DEFAULTS[k])}
+    distills = settings.get("distill_from") is not None
+    return {k: v for k, v in settings.items()
+            if not (k in EVAL_DEFAULTS and v == EVAL_DEFAULTS[k]) and (distills or k not in DISTILL_KEYS)}
+
+
+def teacher_name(pipeline, settings: dict) -> str | None:
+    """The teacher a stage distils from: ``dense`` is the pipeline's dense model (its safetensors copy for a GGUF)."""
+    teacher = settings.get("distill_from")
+    if teacher == "dense":
+        return str(pipeline.dense_source())
+    return teacher
 
 
 def tokens_per_step(settings: dict, world_size: int = 1) -> int:
@@ -58,7 +74,13 @@ def recovery_arguments(pipeline, train_dir: Path, pruned_dir: Path, method: str,
                               max_train_samples=settings["max_train_samples"], max_eval_samples=settings["max_eval_samples"])
     recovery_args = RecoveryArguments(recovery_method=method, lora_r=settings["lora_r"], lora_alpha=settings["lora_alpha"],
                                       lora_dropout=settings["lora_dropout"],
-                                      lora_target_modules=settings["lora_target_modules"], eval_before_training=False)
+                                      lora_target_modules=settings["lora_target_modules"], eval_before_training=False,
+                                      distill_from=teacher_name(pipeline, settings),
+                                      distill_ce_weight=settings["distill_ce_weight"],
+                                      distill_kl_weight=settings["distill_kl_weight"],
+                                      distill_hidden_weight=settings["distill_hidden_weight"],
+                                      distill_temperature=settings["distill_temperature"],
+                                      distill_dtype=settings["distill_dtype"])
     evaluation = {}
     if settings["eval_steps"]:  # the Trainer scores the recipe's held-out blocks before step 1 and every eval_steps
         evaluation = {"eval_strategy": "steps", "eval_steps": settings["eval_steps"], "eval_on_start": True,
@@ -97,6 +119,9 @@ def run_recovery(pipeline, directory: Path, pruned_dir: Path, method: str, setti
                "steps": result.steps, "train_loss": result.train_loss,
                **memory_figures(peak), "tokens_per_step": tokens_per_step(settings), "loss_history": loss_history(train_dir),
                "eval_history": eval_history(train_dir) if held_out else []}
+    distillation = _recipe_results(train_dir).get("extra", {}).get("distillation")
+    if distillation:
+        summary["distillation"] = {k: v for k, v in distillation.items() if k != "teacher"}
     if held_out is not None:  # which text the curve is on, where the recipe says (recovery.json)
         summary["eval_text"] = _recipe_results(train_dir).get("evaluation_text") or ""
     if held_out is not None and held_out.input_ids is not None:  # the reference: the dense model on the same blocks

@@ -1,4 +1,5 @@
-"""Stage results -> the report's plain data: one table row per configuration, curves, per-layer errors."""
+"""Stage results -> the report's plain data: one table row per configuration (with its zero-shot scores when the
+config names lm-eval tasks), curves, per-layer errors."""
 
 from __future__ import annotations
 
@@ -18,31 +19,41 @@ class ReportCollector:
 
     def add_dense(self, result: dict) -> None:
         self.rows.append(ResultRow("dense", "dense", "-", perplexity=result["evaluation"]["perplexity"],
-                                   sparsity=result["sparsity"]["overall"]))
+                                   sparsity=result["sparsity"]["overall"], zeroshot=result["evaluation"].get("zeroshot")))
 
     def add_pruned(self, spec: PruneSpec, result: dict) -> None:
         self.rows.append(ResultRow(spec.label(), "prune", spec.method, spec.sparsity_type,
                                    perplexity=result["evaluation"]["perplexity"], sparsity=result["prune"]["sparsity"]["overall"],
                                    seconds=result["prune"]["seconds"], peak_memory_mb=result["peak_memory_mb"],
-                                   peak_memory_kind=result["peak_memory_kind"]))
+                                   peak_memory_kind=result["peak_memory_kind"],
+                                   zeroshot=result["evaluation"].get("zeroshot")))
 
     def add_recovered(self, spec: RecoverySpec, method: str, structure: str, result: dict) -> str:
         """The row(s) of one recovery stage and its curves; returns the configuration's name."""
-        name = f"{spec.prune} + {method}"
+        name = spec.label(method)
         note = result.get("dtype_note", "")
+        if result.get("distillation"):
+            d = result["distillation"]
+            parts = [f"{label} {d[key]:g}" for label, key in (("CE", "ce_weight"), ("KL", "kl_weight"),
+                                                                ("SquareHead", "hidden_weight")) if d[key]]
+            teacher = f"distilled from the dense model ({', '.join(parts)}"
+            teacher += f", T {d['temperature']:g})" if d["kl_weight"] else ")"
+            note = teacher + (f"; {note}" if note else "")
         if method == "lora":
             note = (f"perplexity with the adapter unmerged: W + BA is {result['sparsity']:.2%} sparse "
                     f"over a {result['base_sparsity']:.2%} sparse base" + (f"; {note}" if note else ""))
         self.rows.append(ResultRow(name, "recover", method, structure, perplexity=result["evaluation"]["perplexity"],
                                    sparsity=result["sparsity"], seconds=result["train_seconds"], tokens_seen=result["tokens"],
                                    peak_memory_mb=result["peak_memory_mb"], peak_memory_kind=result["peak_memory_kind"],
-                                   sparsity_after_merge=result["sparsity_after_merge"], note=note))
+                                   sparsity_after_merge=result["sparsity_after_merge"], note=note,
+                                   zeroshot=result["evaluation"].get("zeroshot")))
         if "remasked" in result:
             remasked = result["remasked"]
             self.rows.append(ResultRow(f"{name}, merged + remasked", "recover", method, structure,
                                        perplexity=remasked["evaluation"]["perplexity"], sparsity=remasked["sparsity"],
                                        sparsity_after_merge=remasked["sparsity"],
-                                       note="plain LoRA merged, then pruned weights zeroed again"))
+                                       note="plain LoRA merged, then pruned weights zeroed again",
+                                       zeroshot=remasked["evaluation"].get("zeroshot")))
         # stages finished before tokens_per_step was recorded: their steps stand in (plotted as tokens 0..)
         per_step = result.get("tokens_per_step") or (result["tokens"] // result["steps"] if result.get("steps") else 0)
         self.data.curves[name] = RecoveryCurve(

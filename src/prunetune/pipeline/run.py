@@ -83,7 +83,11 @@ class Pipeline:
         """
         from prunetune.loading import load_model
 
-        return load_model(str(self._dense_copy or self.config.model), self.load_options())
+        return load_model(str(self.dense_source()), self.load_options())
+
+    def dense_source(self) -> str | Path:
+        """Where the dense weights load from (after the dense stage): its safetensors copy, else the model."""
+        return self._dense_copy or self.config.model
 
     def _is_gguf(self) -> bool:
         from prunetune.loading import is_gguf_model, resolve_model_path
@@ -97,8 +101,9 @@ class Pipeline:
             self._tokenizer = load_tokenizer(self.config.model, self.load_options())
         return self._tokenizer
 
-    def evaluate(self, model, label: str = "") -> dict:
-        """Perplexity on the config's evaluation text (``label``: what the progress bar is for)."""
+    def evaluate(self, model, label: str = "", zeroshot: bool = True) -> dict:
+        """Perplexity on the config's evaluation text (``label``: what the progress bar is for), and the
+        zero-shot accuracy on its tasks (``"zeroshot"``) when it names some, unless ``zeroshot`` is False."""
         from prunetune.evaluate import autocast_for, default_seqlen, evaluate_dataset
 
         spec = self.config.evaluation
@@ -106,8 +111,24 @@ class Pipeline:
         result = evaluate_dataset(model, self.tokenizer(), spec.dataset, seqlen, batch_size=spec.batch_size,
                                   split=spec.split, max_windows=spec.max_windows, progress=self.config.progress,
                                   autocast_dtype=autocast_for(model), flag="config.evaluation.dataset",
-                                  desc=f"perplexity {label}".strip())
-        return result.to_dict()
+                                  desc=f"perplexity {label}".strip()).to_dict()
+        if zeroshot and spec.tasks:
+            result["zeroshot"] = self.zeroshot(model)
+        return result
+
+    def zeroshot(self, model) -> dict:
+        """Zero-shot accuracy of ``model`` on the config's lm-eval tasks (``evaluation.tasks``), as plain data.
+
+        The task index is built once per run; each call loads the tasks afresh (lm-eval's task objects
+        carry one run's requests), from the datasets cache after the first.
+        """
+        from prunetune.zeroshot import TaskCatalog, evaluate_zeroshot
+
+        spec = self.config.evaluation
+        if getattr(self, "_task_catalog", None) is None:
+            self._task_catalog = TaskCatalog(spec.include_path)
+        return evaluate_zeroshot(model, self.tokenizer(), spec.zeroshot_settings(), catalog=self._task_catalog,
+                                 prefix="config.evaluation.").to_dict()
 
     def identity(self, kind: str, name: str) -> str | dict:
         """The content identity of the model or a data source, computed once per run."""
@@ -224,7 +245,7 @@ class Pipeline:
         def work(directory: Path) -> dict:
             return run_recovery(self, directory, pruned.directory / pruned.result["model_dir"], method, settings)
 
-        return self.stages.run(f"recover {spec.prune} + {method}", inputs, work)
+        return self.stages.run(f"recover {spec.label(method)}", inputs, work)
 
     def recovery_arguments(self, train_dir: Path, pruned_dir: Path, method: str, settings: dict) -> tuple:
         """The four argument objects of :func:`prunetune.recover.recipe.recover` for one stage."""

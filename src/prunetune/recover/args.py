@@ -22,6 +22,8 @@ from transformers.training_args import OptimizerNames
 from prunetune.errors import UsageError, require
 
 METHODS = ("lora", "masked_lora", "full")
+# Loss weights and temperature with --distill_from (measured: see README "Distillation").
+DISTILL_DEFAULTS = {"ce": 1.0, "kl": 1.0, "hidden": 0.0, "temperature": 1.0}
 
 
 def _is_int(value) -> bool:
@@ -240,6 +242,32 @@ class RecoveryArguments:
         default=True, metadata={"help": "With --do_eval, also score the model before training."}
     )
     eval_seqlen: int | None = field(default=None, metadata={"help": "Perplexity window length. Default: --block_size."})
+    distill_from: str | None = field(
+        default=None,
+        metadata={"help": "Distil from this dense model (the one the student was pruned from: same architecture and "
+                          "tokenizer) while recovering: it runs frozen beside the student on every batch and costs one "
+                          "more model in memory (see --distill_dtype)."},
+    )
+    distill_dtype: str = field(
+        default="auto",
+        metadata={"help": "The teacher's dtype: auto (the student's load dtype), bfloat16, float16 or float32. "
+                          "bfloat16 halves the teacher's memory next to a float32 student."},
+    )
+    distill_ce_weight: float = field(default=DISTILL_DEFAULTS["ce"], metadata={"help": "Weight of next-token cross-entropy."})
+    distill_kl_weight: float = field(
+        default=DISTILL_DEFAULTS["kl"],
+        metadata={"help": "Weight of the KL divergence from the teacher's next-token distribution (x T^2)."},
+    )
+    distill_hidden_weight: float = field(
+        default=DISTILL_DEFAULTS["hidden"],
+        metadata={"help": "Weight of per-block hidden-state matching (SquareHead: MSE over the teacher's variance, "
+                          "averaged over blocks)."},
+    )
+    distill_temperature: float = field(default=DISTILL_DEFAULTS["temperature"], metadata={"help": "KL temperature T."})
+    distill_chunk_tokens: int = field(
+        default=1024,
+        metadata={"help": "Positions whose logits are formed at once for the losses (memory: chunk x vocab per model)."},
+    )
 
     def __post_init__(self):
         require(self.recovery_method in METHODS, f"Unknown --recovery_method {self.recovery_method!r}; accepted: {', '.join(METHODS)}.")
@@ -255,6 +283,31 @@ class RecoveryArguments:
         require(self.remask_after_step in ("auto", "always"), f"--remask_after_step {self.remask_after_step!r}; accepted: auto, always.")
         require(self.eval_seqlen is None or (_is_int(self.eval_seqlen) and self.eval_seqlen >= 2),
                 f"--eval_seqlen {self.eval_seqlen!r} is too small; give an integer of 2 or more.")
+        for name in ("distill_ce_weight", "distill_kl_weight", "distill_hidden_weight"):
+            value = getattr(self, name)
+            require(_is_number(value) and value >= 0, f"--{name} {value!r} must be a number of 0 or more.")
+        require(_is_number(self.distill_temperature) and self.distill_temperature > 0,
+                f"--distill_temperature {self.distill_temperature!r} must be a positive number.")
+        require(_is_int(self.distill_chunk_tokens) and self.distill_chunk_tokens > 0,
+                f"--distill_chunk_tokens {self.distill_chunk_tokens!r} must be a positive integer.")
+        require(self.distill_dtype in ("auto", "bfloat16", "float16", "float32"),
+                f"--distill_dtype {self.distill_dtype!r}; accepted: auto, bfloat16, float16, float32.")
+        if self.distill_from is not None:
+            require(isinstance(self.distill_from, str) and self.distill_from.strip() != "",
+                    f"--distill_from {self.distill_from!r} must name a model.")
+            require(self.distill_ce_weight + self.distill_kl_weight + self.distill_hidden_weight > 0,
+                    "--distill_ce_weight, --distill_kl_weight and --distill_hidden_weight are all 0: nothing to train on.")
+
+    def distill_settings(self):
+        """The :class:`~prunetune.recover.distill.DistillSettings` asked for, or None without --distill_from."""
+        if self.distill_from is None:
+            return None
+        from prunetune.recover.distill import DistillSettings
+
+        return DistillSettings(teacher=self.distill_from, ce_weight=self.distill_ce_weight,
+                               kl_weight=self.distill_kl_weight, hidden_weight=self.distill_hidden_weight,
+                               temperature=self.distill_temperature, chunk_tokens=self.distill_chunk_tokens,
+                               dtype=self.distill_dtype)
 
     def target_patterns(self) -> list[str]:
         return [p.strip() for p in self.lora_target_modules.split(",") if p.strip()]

@@ -30,6 +30,7 @@ from prunetune.errors import UsageError, require
 from prunetune.recover.args import DataArguments, ModelArguments, RecoveryArguments, RecoveryTrainingArguments
 from prunetune.recover.base import base_layers, zero_fraction
 from prunetune.recover.callbacks import SparsityGuard, TrainingProgress
+from prunetune.recover.distill import DistillTrainer
 from prunetune.recover.full import setup_full
 from prunetune.recover.lora import setup_lora, setup_masked_lora
 from prunetune.recover.data_plan import DataPlan, HeldOutText, check_held_out, evaluates_during_training, plan_data  # noqa: F401
@@ -117,12 +118,18 @@ def check_sparsity(model_name: str, sparsity: float, recovery_args: RecoveryArgu
     )
 
 
-def load(model_args: ModelArguments, recovery_args: RecoveryArguments, training_args: RecoveryTrainingArguments):
-    from prunetune.loading import LoadOptions, load_model, load_tokenizer
+def load_options(model_args: ModelArguments, recovery_args: RecoveryArguments, training_args: RecoveryTrainingArguments):
+    from prunetune.loading import LoadOptions
 
-    options = LoadOptions(dtype=resolve_dtype(model_args, recovery_args, training_args.device),
-                          trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
-                          flag="--model_name_or_path")
+    return LoadOptions(dtype=resolve_dtype(model_args, recovery_args, training_args.device),
+                       trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
+                       flag="--model_name_or_path")
+
+
+def load(model_args: ModelArguments, recovery_args: RecoveryArguments, training_args: RecoveryTrainingArguments):
+    from prunetune.loading import load_model, load_tokenizer
+
+    options = load_options(model_args, recovery_args, training_args)
     tokenizer_options = replace(options, flag="--tokenizer_name") if model_args.tokenizer_name else options
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, tokenizer_options)
     model = load_model(model_args.model_name_or_path, options)
@@ -141,7 +148,7 @@ def resolve_block_size(model, data_args: DataArguments) -> int:
 
 def make_trainer(setup, training_args: RecoveryTrainingArguments, train_data, tokenizer=None,
                  callbacks: list | None = None, *, eval_data=None, label: str = "recover",
-                 block_size: int | None = None) -> tuple[Trainer, SparsityGuard]:
+                 block_size: int | None = None, distiller=None) -> tuple[Trainer, SparsityGuard]:
     """A ``Trainer`` for a method's setup, with the sparsity guard first among prunetune's callbacks.
 
     The Trainer's own progress bar and log printer give way to :class:`TrainingProgress`: one bar
@@ -151,9 +158,10 @@ def make_trainer(setup, training_args: RecoveryTrainingArguments, train_data, to
         # masks are identical on every rank by construction; broadcasting them each step costs GBs
         training_args.ddp_broadcast_buffers = False
     guard = SparsityGuard(setup.check, [p for p in setup.model.parameters() if p.requires_grad])
-    trainer = Trainer(model=setup.model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
-                      data_collator=default_data_collator, processing_class=tokenizer,
-                      callbacks=[guard, *setup.callbacks, *(callbacks or [])])
+    kind, extra = (Trainer, {}) if distiller is None else (DistillTrainer, {"distiller": distiller})
+    trainer = kind(model=setup.model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
+                   data_collator=default_data_collator, processing_class=tokenizer,
+                   callbacks=[guard, *setup.callbacks, *(callbacks or [])], **extra)
     for replaced in (PrinterCallback, ProgressCallback, DEFAULT_PROGRESS_CALLBACK):  # the last: notebooks' bar
         trainer.remove_callback(replaced)
     block_size = block_size or (train_data[0]["input_ids"].shape[-1] if train_data is not None and len(train_data) else 0)
@@ -218,6 +226,12 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
     if data_args.dataset_config_name:
         logger.warning("--dataset_config_name %s ignored: prunetune's %r source fixes its files", data_args.dataset_config_name,
                        plan.train_source)
+    distill = recovery_args.distill_settings()
+    if distill is not None and training_args.do_train:  # before the student loads: configs and tokenizers only
+        from prunetune.recover.distill import check_teacher
+
+        check_teacher(distill.teacher, model_args.model_name_or_path, distill,
+                      load_options(model_args, recovery_args, training_args), model_args.tokenizer_name)
     model, tokenizer = load(model_args, recovery_args, training_args)
     check_config(model, model_args)
     sparsity_before = zero_fraction(base_layers(model))
@@ -266,9 +280,14 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
     own = [CheckpointMarker({"recovery_method": method, **setup.manifest})]
     if resume_dir is not None:
         own.append(LearningRateOverride((checkpoint or {}).get("learning_rate")))
+    distiller = None
+    if distill is not None and training_args.do_train:
+        distiller = _distiller(setup.model, distill, load_options(model_args, recovery_args, training_args),
+                               training_args, result)
     trainer, guard = make_trainer(setup, training_args, train_data, tokenizer, [*own, *(callbacks or [])],
-                                  eval_data=held_out.blocks() if during else None, label=f"recover {method}",
-                                  block_size=block_size)
+                                  eval_data=held_out.blocks() if during else None,
+                                  label=f"recover {method}" + (" + distill" if distiller else ""),
+                                  block_size=block_size, distiller=distiller)
     if is_main and (training_args.do_train or training_args.do_eval):
         if resume_dir is None:
             prepare_output_dir(training_args, method)
@@ -294,6 +313,21 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
         if training_args.do_train:
             _write_manifest(setup, model_args, result, complete=True)  # last: the run is whole
     return result
+
+
+def _distiller(student, settings, options, training_args: RecoveryTrainingArguments, result: RecoveryResult):
+    """Load the frozen teacher and the loss around it; records the settings and the teacher's memory."""
+    from dataclasses import asdict
+
+    from prunetune.recover.distill import Distiller, load_teacher, model_bytes
+
+    teacher = load_teacher(settings, options, training_args.device)
+    size = model_bytes(teacher)
+    logger.info("distillation teacher %s: %.1f MiB in %s on %s", settings.teacher, size / 2**20,
+                next(teacher.parameters()).dtype, training_args.device)
+    result.extra["distillation"] = {**asdict(settings), "teacher_bytes": size,
+                                    "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.")}
+    return Distiller(student, teacher, settings)
 
 
 def eval_curve(log_history: list[dict], last_step: int, result: RecoveryResult, args: RecoveryTrainingArguments) -> list[dict]:
@@ -354,6 +388,7 @@ def _write_manifest(setup, model_args: ModelArguments, result: RecoveryResult, c
         "trust_remote_code": model_args.trust_remote_code,
         "pruning": base_manifest.get("pruning", {k: v for k, v in base_manifest.items() if k not in ("versions", "complete")}),
         **setup.manifest,
+        "distillation": result.extra.get("distillation"),
         "training": {"steps": result.steps, "tokens": result.tokens, "dataset": result.dataset, "text": result.training_text,
                      "block_size": result.block_size},
         "versions": library_versions(),

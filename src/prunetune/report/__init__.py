@@ -3,7 +3,8 @@
 Input is plain data gathered by the pipeline (:class:`ReportData`: one :class:`ResultRow` per
 configuration, the curves of each recovery run, the per-layer output error of each
 configuration); output is a terminal table, ``report.md`` and PNG plots. Nothing here runs a
-model. ``tables`` builds the table, ``plots`` draws the figures.
+model. ``tables`` builds the table, ``accuracy`` the zero-shot table (lm-eval tasks, when the
+pipeline ran some), ``plots`` draws the figures.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunetune.outputs import atomic_write_text
+from prunetune.report.accuracy import accuracy_markdown, accuracy_terminal
 from prunetune.report.tables import ResultRow, headers, markdown_table, table_notes, terminal_table
 
 
@@ -63,6 +65,9 @@ def write_report(data: ReportData, out_dir: Path) -> Path:
     if data.facts:
         sections += ["| fact | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in data.facts.items()] + [""]
     sections += [f"![perplexity per configuration]({PLOTS['perplexity']})", ""]
+    accuracy = accuracy_markdown(data.rows)
+    if accuracy:
+        sections += ["## Zero-shot accuracy", "", accuracy, ""]
     if any(curve.perplexity for curve in data.curves.values()):
         plots.plot_perplexity_curves(data.curves, out_dir / PLOTS["curve"])
         sections += [f"![held-out perplexity against tokens trained]({PLOTS['curve']})", "", _curve_caption(data.curves), ""]
@@ -84,5 +89,5 @@ def write_report(data: ReportData, out_dir: Path) -> Path:
     return path
 
 
-__all__ = ["PLOTS", "RecoveryCurve", "ReportData", "ResultRow", "headers", "markdown_table", "table_notes",
-           "terminal_table", "write_report"]
+__all__ = ["PLOTS", "RecoveryCurve", "ReportData", "ResultRow", "accuracy_markdown", "accuracy_terminal", "headers",
+           "markdown_table", "table_notes", "terminal_table", "write_report"]

@@ -29,6 +29,7 @@ class ResultRow:
     peak_memory_kind: str = ""  # rss | cuda_allocated; "" when not measured
     sparsity_after_merge: float | None = None  # of the exported model, after merging an adapter
     note: str = ""
+    zeroshot: dict | None = None  # lm-eval tasks' scores (prunetune.zeroshot.ZeroShotResult.to_dict()); None: not run
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,6 +103,14 @@ def markdown_table(rows: list[ResultRow]) -> str:
 
 
 def terminal_table(rows: list[ResultRow]) -> str:
+    """The perplexity table, then the zero-shot table when any row has one (see prunetune.report.accuracy)."""
+    from prunetune.report.accuracy import accuracy_terminal
+
+    accuracy = accuracy_terminal(rows)
+    return _perplexity_terminal(rows) + (f"\n\n{accuracy}" if accuracy else "")
+
+
+def _perplexity_terminal(rows: list[ResultRow]) -> str:
     names = headers(rows)
     cells = [names] + [_row_cells(r) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(names))]

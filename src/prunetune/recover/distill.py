@@ -1,0 +1,334 @@
+"""Distillation from the dense model while a pruned model recovers (``--distill_from``).
+
+The dense teacher runs beside the student on every training batch: frozen, in eval mode,
+without gradients, never a submodule of the student (so nothing of it reaches a checkpoint,
+an optimizer or DDP's gradient buckets; under DDP each rank loads its own). The loss is
+
+    ce_weight * CE(student, next tokens)
+  + kl_weight * T^2 * KL(teacher_T || student_T)          (next-token distributions at temperature T)
+  + hidden_weight * mean over blocks of MSE(s_l, t_l) / Var(t_l)   (SquareHead, Kurtic et al. 2023)
+
+averaged over the batch's predicted tokens. Evaluation (held-out perplexity) stays plain
+cross-entropy.
+
+Memory: the logits of a large vocabulary are the biggest tensors of a step (batch x seqlen x
+vocab, twice: teacher and student). The student's forward is asked for the last position's
+logits only (``logits_to_keep=1``); both models' final hidden states are then sent through
+their output layers ``chunk_tokens`` positions at a time, each chunk under activation
+checkpointing, so at most one chunk of logits per model exists at once, in the forward and
+in the backward. The first training step checks that the output layer applied to the final
+hidden state reproduces the model's logits; a model that post-processes its logits (soft
+capping, scaling) falls back to full logits, with a warning.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import Trainer
+
+from prunetune.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """What ``--distill_*`` asked for (see :class:`prunetune.recover.args.RecoveryArguments`)."""
+
+    teacher: str
+    ce_weight: float = 1.0
+    kl_weight: float = 1.0
+    hidden_weight: float = 0.0
+    temperature: float = 1.0
+    chunk_tokens: int = 1024
+    dtype: str = "auto"
+
+    @property
+    def matches_hidden(self) -> bool:
+        return self.hidden_weight > 0
+
+
+# ---- checks before any work
+
+
+def check_teacher(teacher: str, student: str, settings: DistillSettings, options, tokenizer_name: str | None = None) -> None:
+    """Refuse a teacher the student cannot be distilled from, from configs and tokenizers alone.
+
+    Raises:
+        UsageError: naming the first mismatch: model type, vocabulary size, tokenizer vocabulary,
+            and (for hidden-state matching) block count and hidden size.
+    """
+    from prunetune.loading import load_config, load_tokenizer
+
+    teacher_config = load_config(teacher, options)
+    student_config = load_config(student, options)
+    what = f"--distill_from {teacher}"
+    pairs = [("model type", "model_type"), ("vocabulary size", "vocab_size")]
+    if settings.matches_hidden:
+        pairs += [("number of blocks", "num_hidden_layers"), ("hidden size", "hidden_size")]
+    for label, key in pairs:
+        mine, theirs = getattr(student_config, key, None), getattr(teacher_config, key, None)
+        if mine != theirs:
+            extra = (" Hidden-state matching (--distill_hidden_weight) pairs block l of the student with block l "
+                     "of the teacher; set it to 0 to distill logits only." if key in ("num_hidden_layers", "hidden_size") else "")
+            raise UsageError(f"{what} cannot teach {student}: its {label} is {theirs!r}, the student's is {mine!r}. "
+                             f"The teacher must be the dense model the student was pruned from (same architecture, "
+                             f"vocabulary and tokenizer).{extra}")
+    student_vocab = load_tokenizer(tokenizer_name or student, options).get_vocab()
+    teacher_vocab = load_tokenizer(teacher, options).get_vocab()
+    if student_vocab != teacher_vocab:
+        differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=lambda item: item[1])
+        raise UsageError(f"{what} cannot teach {student}: their tokenizers differ ({len(teacher_vocab)} vs "
+                         f"{len(student_vocab)} tokens; first difference: {differing[0][0]!r} -> id {differing[0][1]}). "
+                         "The same token id must mean the same text for both models; use the dense model the student "
+                         "was pruned from as the teacher.")
+
+
+def load_teacher(settings: DistillSettings, options, device) -> nn.Module:
+    """The frozen teacher on ``device`` in ``settings.dtype`` (``auto``: the student's load dtype)."""
+    from dataclasses import replace
+
+    from prunetune.loading import load_model
+
+    if settings.dtype != "auto":
+        options = replace(options, dtype=settings.dtype)
+    teacher = load_model(settings.teacher, replace(options, flag="--distill_from"))
+    teacher.requires_grad_(False)
+    teacher.eval()
+    teacher.config.use_cache = False
+    return teacher.to(device)
+
+
+def model_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+
+
+# ---- capturing what the losses compare
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP / PEFT wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class Tap:
+    """Forward hooks that keep a model's final hidden state and (optionally) each block's output."""
+
+    def __init__(self, model: nn.Module, blocks: bool):
+        from prunetune.modules import find_decoder_blocks
+
+        plain = _plain(model)
+        self.head = plain.get_output_embeddings()
+        if self.head is None:
+            raise UsageError(f"distillation needs a causal LM with an output layer; {type(plain).__name__} has none.")
+        self.keeps_logits = "logits_to_keep" in inspect.signature(plain.forward).parameters
+        self.final: torch.Tensor | None = None
+        self.blocks: list[torch.Tensor] = []
+        self.recording = False  # on only during the loss's forward (not a checkpointed block's recompute)
+        self._handles = [plain.get_decoder().register_forward_hook(self._keep_final)]
+        if blocks:
+            self._handles += [block.module.register_forward_hook(self._keep_block) for block in find_decoder_blocks(plain)]
+
+    def _keep_final(self, module, args, output):
+        if not self.recording:
+            return
+        self.final = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def _keep_block(self, module, args, output):
+        if not self.recording:
+            return
+        self.blocks.append(output[0] if isinstance(output, tuple) else output)
+
+    def clear(self, recording: bool = False) -> None:
+        self.final, self.blocks, self.recording = None, [], recording
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+# ---- the losses
+
+
+def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)) per row, in float32."""
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(-1) * temperature**2
+
+
+def _logit_losses(student_hidden, teacher_hidden, labels, student_head, teacher_head, temperature: float, want_kl: bool):
+    """Summed CE and KL over rows (``labels == -100`` rows count in neither)."""
+    logits = student_head(student_hidden).float()
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if not want_kl:
+        return ce, ce.new_zeros(())
+    with torch.no_grad():
+        teacher_logits = teacher_head(teacher_hidden)
+    kl = kl_per_token(logits, teacher_logits, temperature)
+    return ce, (kl * (labels != IGNORE_INDEX)).sum()
+
+
+def chunked_logit_losses(student_hidden, teacher_hidden, labels, student_head, teacher_head, temperature: float,
+                         chunk_tokens: int, want_kl: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE and KL over (N, hidden) rows, ``chunk_tokens`` rows at a time, each chunk checkpointed.
+
+    Only one chunk's logits (student and teacher) exist at once: the backward recomputes each
+    chunk's logits from its hidden rows.
+    """
+    ce_total, kl_total = student_hidden.new_zeros((), dtype=torch.float32), student_hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, student_hidden.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        pieces = (student_hidden[rows], teacher_hidden[rows] if teacher_hidden is not None else None, labels[rows])
+        if torch.is_grad_enabled() and student_hidden.requires_grad:
+            ce, kl = checkpoint(_logit_losses, *pieces, student_head, teacher_head, temperature, want_kl, use_reentrant=False)
+        else:
+            ce, kl = _logit_losses(*pieces, student_head, teacher_head, temperature, want_kl)
+        ce_total, kl_total = ce_total + ce, kl_total + kl
+    return ce_total, kl_total
+
+
+def squarehead(student_blocks: list[torch.Tensor], teacher_blocks: list[torch.Tensor],
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over blocks of MSE(student, teacher) / Var(teacher), over the positions ``mask`` keeps."""
+    if len(student_blocks) != len(teacher_blocks) or not student_blocks:
+        raise RuntimeError(f"hidden-state matching saw {len(student_blocks)} student and {len(teacher_blocks)} teacher blocks")
+    losses = []
+    for student, teacher in zip(student_blocks, teacher_blocks):
+        student, teacher = student.float(), teacher.float()
+        if mask is not None:
+            keep = mask.bool()
+            student, teacher = student[keep], teacher[keep]
+        losses.append(F.mse_loss(student, teacher) / teacher.var().clamp_min(1e-12))
+    return torch.stack(losses).mean()
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    ce: float
+    kl: float
+    hidden: float
+
+
+class Distiller:
+    """Computes the distillation loss of one batch for a student (wrapped or not) and its teacher."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, settings: DistillSettings):
+        self.settings = settings
+        self.teacher = teacher
+        self.student_tap = Tap(student, settings.matches_hidden)
+        self.teacher_tap = Tap(teacher, settings.matches_hidden)
+        self.chunked = self.student_tap.keeps_logits  # confirmed (or not) on the first batch
+        self.checked = False
+
+    def _teacher_pass(self, inputs: dict) -> None:
+        self.teacher_tap.clear(recording=True)
+        with torch.no_grad():
+            self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                         **({"logits_to_keep": 1} if self.teacher_tap.keeps_logits else {}))
+        self.teacher_tap.recording = False
+
+    def loss(self, model: nn.Module, inputs: dict) -> LossParts:
+        settings = self.settings
+        labels = inputs["labels"]
+        self._teacher_pass(inputs)
+        self.student_tap.clear(recording=True)
+        chunked = self.chunked and self.checked
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                        **({"logits_to_keep": 1} if chunked else {}))
+        self.student_tap.recording = False
+        want_kl = settings.kl_weight > 0
+        targets = labels[:, 1:].reshape(-1)
+        teacher_hidden = self.teacher_tap.final[:, :-1].reshape(-1, self.teacher_tap.final.shape[-1])
+        if chunked:
+            student_hidden = self.student_tap.final[:, :-1].reshape(-1, self.student_tap.final.shape[-1])
+            ce_sum, kl_sum = chunked_logit_losses(student_hidden, teacher_hidden, targets, self.student_tap.head,
+                                                  self.teacher_tap.head, settings.temperature, settings.chunk_tokens, want_kl)
+        else:
+            logits = outputs.logits[:, :-1].reshape(-1, outputs.logits.shape[-1])
+            if not self.checked:
+                self._check_head(logits)
+            ce_sum = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+            kl_sum = ce_sum.new_zeros(())
+            if want_kl:
+                with torch.no_grad():
+                    teacher_logits = self.teacher_tap.head(teacher_hidden)
+                kl_sum = (kl_per_token(logits, teacher_logits, settings.temperature) * (targets != IGNORE_INDEX)).sum()
+        count = (targets != IGNORE_INDEX).sum().clamp_min(1)
+        ce, kl = ce_sum / count, kl_sum / count
+        total = settings.ce_weight * ce + settings.kl_weight * kl
+        hidden = torch.zeros((), device=ce.device)
+        if settings.matches_hidden:
+            hidden = squarehead(self.student_tap.blocks, self.teacher_tap.blocks, inputs.get("attention_mask"))
+            total = total + settings.hidden_weight * hidden
+        self.student_tap.clear()
+        self.teacher_tap.clear()
+        return LossParts(total, ce.item(), kl.item(), hidden.item())
+
+    def _check_head(self, logits: torch.Tensor) -> None:
+        """On the first batch: does the output layer on the final hidden state give the model's logits?"""
+        self.checked = True
+        if not self.chunked:
+            return
+        final = self.student_tap.final[:, :-1].reshape(-1, self.student_tap.final.shape[-1])
+        with torch.no_grad():
+            rebuilt = self.student_tap.head(final[:64]).float()
+        reference = logits[:64].detach().float()
+        if not torch.allclose(rebuilt, reference, rtol=1e-3, atol=1e-3 * reference.abs().max().item()):
+            logger.warning("distillation: this model's logits are not its output layer applied to its last hidden "
+                           "state (logit scaling or capping); computing the losses from full logits instead of "
+                           "chunks (more memory: batch x seqlen x vocab)")
+            self.chunked = False
+
+    def remove(self) -> None:
+        self.student_tap.remove()
+        self.teacher_tap.remove()
+
+
+class DistillTrainer(Trainer):
+    """A ``Trainer`` whose training loss is :class:`Distiller`'s; evaluation stays cross-entropy.
+
+    The loss is a mean over each micro-batch's tokens, so the Trainer divides it by the
+    gradient accumulation steps as it does for a model without loss kwargs.
+    """
+
+    def __init__(self, *args, distiller: Distiller, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distiller = distiller
+        self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let the Trainer average over accumulation
+        self._parts = {"loss_ce": 0.0, "loss_kl": 0.0, "loss_hidden": 0.0}
+        self._batches = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        parts = self.distiller.loss(model, inputs)
+        self._parts["loss_ce"] += parts.ce
+        self._parts["loss_kl"] += parts.kl
+        self._parts["loss_hidden"] += parts.hidden
+        self._batches += 1
+        return (parts.total, None) if return_outputs else parts.total
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and self._batches:
+            settings = self.distiller.settings
+            logs["loss_ce"] = round(self._parts["loss_ce"] / self._batches, 4)
+            if settings.kl_weight > 0:
+                logs["loss_kl"] = round(self._parts["loss_kl"] / self._batches, 4)
+            if settings.matches_hidden:
+                logs["loss_hidden"] = round(self._parts["loss_hidden"] / self._batches, 4)
+            self._parts = dict.fromkeys(self._parts, 0.0)
+            self._batches = 0
+        super().log(logs, *args, **kwargs)
