@@ -104,6 +104,10 @@ def test_pipeline_report_and_reuse(small_setup):
     ({"prune": [{"method": "wanda", "sparsity_type": "4:2"}]}, "4:2"),
     ({"recover": [{"prune": "nope"}]}, "names no prune entry"),
     ({"prune": [{"method": "magnitude", "true_sequential": True}]}, "the magnitude pruner uses none"),
+    ({"recover": [{"prune": "wanda 50%", "methods": ["full"]}, {"prune": "wanda 50%", "methods": ["full"]}]},
+     "give one of the two entries a distinct 'name'"),
+    ({"recover": [{"prune": "wanda 50%", "distill_from": "dense", "distill_temperature": 0}]},
+     "config.recover[0].distill_temperature: 0.0 is not accepted"),
 ])
 def test_bad_config_fails_before_work(small_setup, tmp_path, capsys, change, message):
     _, raw = small_setup
@@ -203,3 +207,21 @@ def test_a_recipe_whose_trainer_cannot_evaluate_trains_without_the_curve(small_s
     assert [str(c).split(".")[-1].lower() for c in calls] == ["steps", "no", "no"]  # tried once, then never again
     assert sum("no held-out data" in r.getMessage() for r in caplog.records) == 1
     assert not (result.output_dir / "perplexity_curve.png").exists() and (result.output_dir / "loss_curves.png").exists()
+
+
+def test_a_distilled_entry_beside_the_plain_one_reuses_the_plain_stages(small_setup, tmp_path):
+    """Adding distillation rows changes no existing stage key; the new rows are named and noted."""
+    _, raw = small_setup
+    plain = {**raw["recover"][0], "methods": ["masked_lora"], "max_steps": 2, "eval_steps": None}
+    config = {**raw, "output_dir": str(tmp_path / "run"), "prune": raw["prune"][1:], "recover": [plain],
+              "reconstruction_windows": 0}
+    first = run_pipeline(load_config(config))
+    distilled = {**plain, "distill_from": "dense", "distill_hidden_weight": 1.0}
+    second = run_pipeline(load_config({**config, "recover": [plain, distilled]}))
+    assert second.executed == ["recover wanda 50% + masked_lora + distill"]
+    assert set(first.executed) <= set(second.reused)
+    rows = {row.name: row for row in second.rows}
+    row = rows["wanda 50% + masked_lora + distill"]
+    assert row.note.startswith("distilled from the dense model (CE 1, KL 1, SquareHead 1, T 1)")
+    assert row.sparsity_after_merge == pytest.approx(rows["wanda 50%"].sparsity)  # exact, as without distillation
+    assert row.perplexity != rows["wanda 50% + masked_lora"].perplexity

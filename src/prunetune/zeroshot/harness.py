@@ -20,9 +20,17 @@ import time
 
 from prunetune.zeroshot.results import TaskScore, ZeroShotResult, metrics_of
 from prunetune.zeroshot.settings import ZeroShotSettings, check_settings
-from prunetune.zeroshot.tasks import TaskCatalog, check_generation, dataset_of, quiet_lm_eval, require_lm_eval
+from prunetune.zeroshot.tasks import (
+    TaskCatalog,
+    check_generation,
+    dataset_of,
+    kept_rng_states,
+    quiet_lm_eval,
+    require_lm_eval,
+)
 
 logger = logging.getLogger(__name__)
+
 
 def evaluate_zeroshot(model, tokenizer, settings: ZeroShotSettings, *, catalog: TaskCatalog | None = None,
                       tasks: dict | None = None, prefix: str = "--") -> ZeroShotResult:
@@ -91,17 +99,11 @@ def _seeded():
     import torch
     from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
 
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            random.seed(DEFAULT_RANDOM_SEED)
-            np.random.seed(DEFAULT_OTHER_SEED)
-            torch.manual_seed(DEFAULT_OTHER_SEED)
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
+    with kept_rng_states():
+        random.seed(DEFAULT_RANDOM_SEED)
+        np.random.seed(DEFAULT_OTHER_SEED)
+        torch.manual_seed(DEFAULT_OTHER_SEED)
+        yield
 
 
 def _result(raw: dict, tasks: dict, settings: ZeroShotSettings, seconds: float) -> ZeroShotResult:

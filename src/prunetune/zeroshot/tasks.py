@@ -42,6 +42,28 @@ _CHATTER = ("`pretrained` model kwarg is not of type `str`", "Passed an already-
             "is defined, but aggregation is not", "is defined, but higher_is_better is not")
 
 
+@contextlib.contextmanager
+def kept_rng_states():
+    """Python's, numpy's and torch's (CPU and CUDA) global RNG states come back as they were.
+
+    lm-eval draws from (and seeds) them while it loads tasks and runs; the caller's draws must
+    not depend on whether it evaluated in between.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
 class _DropChatter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -203,7 +225,7 @@ def _load_one(manager, name: str, key: str) -> dict:
     entry = manager.task_index[name]
     reason = offline_reason() if _may_need_hub(entry) else None
     try:
-        with _offline_mode(reason is not None), quiet_lm_eval():  # offline: no 25-55 s of retries, the cache or nothing
+        with _offline_mode(reason is not None), quiet_lm_eval(), kept_rng_states():  # offline: the cache, no retries
             return manager.load([name])
     except Exception as err:  # lm-eval and datasets fail in many types: a missing file, a YAML error, no network
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
