@@ -26,6 +26,9 @@ from typing import Union, get_args, get_origin
 from prunetune.errors import UsageError
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+# Refinements of --memory_estimate, listed by --help-all only (--help stays a page).
+HELP_ALL_ONLY = ("memory_estimate_processes", "memory_estimate_budget_gb", "distill_dtype", "distill_ce_weight",
+                 "distill_temperature", "distill_chunk_tokens")
 
 USAGE = ("prunetune recover --model_name_or_path PRUNED --output_dir OUT [options]\n"
          "       prunetune recover ARGS.yaml   (the same keys, without the leading --)")
@@ -91,7 +94,7 @@ def help_groups(full: bool) -> list[tuple[str, list[str]]]:
     )
 
     def names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.init and (full or f.name not in RUN_CLM_ONLY)]
+        return [f.name for f in dataclasses.fields(cls) if f.init and (full or f.name not in RUN_CLM_ONLY + HELP_ALL_ONLY)]
 
     groups = [
         ("model", names(ModelArguments)),
@@ -193,8 +196,12 @@ def parse(argv: list[str]):
     if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
         from prunetune.config import load_mapping
 
-        parsed = parse_mapping(parser, load_mapping(argv[0]), argv[0])
+        mapping = load_mapping(argv[0])
+        if isinstance(mapping, dict) and mapping.get("memory_estimate") is True and not mapping.get("output_dir"):
+            mapping = {**mapping, "output_dir": DRY_RUN_OUTPUT}
+        parsed = parse_mapping(parser, mapping, argv[0])
     else:
+        argv = _with_dry_run_output(argv)
         # Unknown flags first: otherwise a misspelt --output_dir reads as a missing one.
         _, remaining = parser.parse_known_args(args=argv)
         if remaining:
@@ -207,6 +214,33 @@ def parse(argv: list[str]):
                          f"--num_train_epochs {training.num_train_epochs:g} epochs. Give the number of steps to train "
                          "(1 or more), -1 to train by epochs, or --do_train false --do_eval to evaluate only.")
     return parsed
+
+
+# A --memory_estimate dry run writes nothing, so it needs no --output_dir; the arguments still require one.
+DRY_RUN_OUTPUT = "(--memory_estimate: nothing is written)"
+
+
+def _flag_value(argv: list[str], names: tuple[str, ...]) -> bool | None:
+    """The value of a boolean flag as HfArgumentParser reads it (``--x``, ``--x true``, ``--x=false``); None if absent."""
+    from transformers.hf_argparser import string_to_bool
+
+    value = None
+    for i, item in enumerate(argv):
+        flag, _, inline = item.partition("=")
+        if flag not in names:
+            continue
+        given = inline or (argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else "true")
+        try:
+            value = string_to_bool(given)
+        except Exception:  # argparse reports the bad value itself
+            return None
+    return value
+
+
+def _with_dry_run_output(argv: list[str]) -> list[str]:
+    dry_run = _flag_value(argv, ("--memory_estimate", "--memory-estimate"))
+    has_output = any(item.partition("=")[0] in ("--output_dir", "--output-dir") for item in argv)
+    return [*argv, "--output_dir", DRY_RUN_OUTPUT] if dry_run and not has_output else argv
 
 
 def _option_strings(parser) -> list[str]:
@@ -312,6 +346,12 @@ def summary(result) -> str:
                      f"{result.train_seconds:.1f} s: "
                      f"{result.tokens_per_second:,.0f} tokens/s, peak memory {_gib(result.peak_memory_bytes)} "
                      f"({result.peak_memory_kind}), train loss {result.train_loss:.4f}")
+    distillation = result.extra.get("distillation")
+    if distillation:
+        weights = ", ".join(f"{label} {distillation[key]:g}" for label, key in
+                            (("CE", "ce_weight"), ("KL", "kl_weight"), ("SquareHead", "hidden_weight")) if distillation[key])
+        lines.append(f"distilled from {distillation['teacher']} ({weights}; T {distillation['temperature']:g}; teacher "
+                     f"{distillation['teacher_bytes'] / 2**20:,.0f} MiB in {distillation['teacher_dtype']})")
     lines.append(f"sparsity {result.sparsity_before:.4f} before, {result.sparsity_after:.4f} after"
                  + (f", {result.merged_sparsity:.4f} if merged" if result.merged_sparsity is not None else ""))
     if result.perplexity_before is not None or result.perplexity_after is not None:
@@ -334,6 +374,12 @@ def main(argv: list[str]) -> int:
         argv = [flag for flag in argv if flag not in QUIET]
         configure_logging(-1)
     model_args, data_args, recovery_args, training_args = parse(argv)
+    if recovery_args.memory_estimate:  # a dry run: the shape only, no weights, no output folder
+        from prunetune.recover.memory_estimate import report
+
+        bf16 = None if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) else _flag_value(argv, ("--bf16",))
+        print(report(model_args, data_args, recovery_args, training_args, bf16=bf16))
+        return 0
     if not progress_bars():
         training_args.disable_tqdm = True
     from tqdm.contrib.logging import logging_redirect_tqdm

@@ -10,6 +10,10 @@ A method (``lora``, ``masked_lora``, ``full``) is a function ``setup(model, args
   scale; a zero count alone would miss a zero that moved.
 * :class:`prunetune.recover.full.MaskEnforcer` for full fine-tuning: exact positions.
 
+Both follow FSDP2's sharding (:mod:`prunetune.recover.sharding`): once the Trainer has replaced
+the weights by ``DTensor`` slices, each rank checks its own slices against the matching slice
+of the mask and the counts are summed over the ranks.
+
 The two adapter methods also share :class:`RecoveryLoraConfig`, whose save writes the adapter
 folder's ``README.md``: what the adapter is and how to load and merge it.
 """
@@ -26,7 +30,7 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from prunetune.masks import digest_packed, pack_layer, popcount, to_host, zero_counts, zero_fraction  # noqa: F401 (re-exported)
+from prunetune.masks import digest_packed, pack_kept, pack_layer, popcount, to_host, zero_counts, zero_fraction  # noqa: F401 (re-exported)
 from prunetune.modules import prunable_layers, weight_param_shape
 
 
@@ -79,18 +83,46 @@ class FrozenBaseCheck:
         self.packed = {name: pack_layer(module) for name, module in layers.items()}
         kept = to_host([popcount(bits) for bits in self.packed.values()])
         self.zeros = {name: module.weight.numel() - int(k) for (name, module), k in zip(layers.items(), kept)}
+        self._local_packed: dict[str, torch.Tensor] = {}  # under FSDP2: this rank's slice of each mask, packed
 
     @torch.no_grad()
     def violations(self) -> dict[str, int]:
-        """Qualified name -> pruned positions (zero at construction) that are nonzero now; offenders only."""
+        """Qualified name -> pruned positions (zero at construction) that are nonzero now; offenders only.
+
+        Under FSDP2 each rank compares its weight slices with the same slices of the masks and
+        the counts are summed over the ranks (the same result on every rank).
+        """
+        from prunetune.recover.sharding import is_sharded, sum_over_shards
+
         revived = []
         for name, module in self.layers.items():
-            now = pack_layer(module)
-            revived.append(popcount(now & ~self.packed[name].to(now.device)))  # padding bits: 0 & 1 = 0
-        counts = to_host(revived)
+            if is_sharded(module.weight):
+                now, kept = self._local_bits(name, module)
+            else:
+                now, kept = pack_layer(module), self.packed[name]
+            revived.append(popcount(now & ~kept.to(now.device)))  # padding bits: 0 & 1 = 0
+        weights = [module.weight for module in self.layers.values()]
+        if any(is_sharded(weight) for weight in weights):
+            counts = sum_over_shards(revived, weights)
+        else:
+            counts = to_host(revived)
         return {name: int(c) for name, c in zip(self.layers, counts) if c}
 
+    def _local_bits(self, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the weight and of the construction-time mask, both packed, in the weight's layout."""
+        from prunetune.recover.sharding import local, shard_like, unpack_kept
+
+        if name not in self._local_packed:  # once: cut the whole mask as the weight is cut
+            whole = unpack_kept(self.packed[name], weight_param_shape(module))  # (out, in)
+            whole = whole if isinstance(module, nn.Linear) else whole.t().contiguous()  # GPT-2 Conv1D: (in, out)
+            self._local_packed[name] = pack_kept(local(shard_like(whole, module.weight)))
+        return pack_kept(local(module.weight.detach()) != 0), self._local_packed[name]
+
     def sparsity(self) -> float:
+        from prunetune.recover.sharding import is_sharded, zero_fraction_over_ranks
+
+        if any(is_sharded(module.weight) for module in self.layers.values()):
+            return zero_fraction_over_ranks(self.layers)
         return zero_fraction(self.layers)
 
     def digests(self, names: list[str] | None = None) -> dict[str, str]:

@@ -3,7 +3,8 @@
 The guard stops a run the moment sparsity or the loss breaks: at every logging step and
 before every checkpoint it asks the method's sparsity check (:mod:`prunetune.recover.base`)
 whether any pruned weight became nonzero, checks that the trainable parameters are finite,
-and logs ``sparsity`` as a metric. A violation raises :class:`TrainingStopped` *before* the
+and logs ``sparsity`` as a metric. Under FSDP2 the checks count on each rank's slices and sum
+(or, for finiteness, and) the results over the ranks, so every rank stops at the same step. A violation raises :class:`TrainingStopped` *before* the
 checkpoint of that step is written, so the last checkpoint on disk is always a good one; a
 NaN/inf logged loss raises it too. :class:`TrainingProgress` is the run's one progress bar.
 """
@@ -23,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from prunetune.errors import UsageError
 from prunetune.recover.base import SparsityCheck
+from prunetune.recover.sharding import all_ranks_true, local
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +169,9 @@ class SparsityGuard(TrainerCallback):
     def verify(self, step: int, output_dir: str) -> float:
         """Raise :class:`TrainingStopped` on drift or non-finite weights; return the sparsity."""
         if self.params:
-            finite = torch.stack([p.detach().isfinite().all() for p in self.params]).all()
-            if not bool(finite):
+            # each rank checks its own slices under FSDP2; all of them stop if any holds a NaN/inf
+            finite = torch.stack([local(p.detach()).isfinite().all() for p in self.params]).all()
+            if not all_ranks_true(finite, self.params):
                 raise TrainingStopped(
                     f"Training stopped at step {step}: the trainable weights hold NaN/inf (the loss diverged). "
                     f"{_resume_hint(output_dir)} {_divergence_advice(output_dir)}"
@@ -186,7 +189,11 @@ class SparsityGuard(TrainerCallback):
         self._measured_at = step
         return self.sparsity
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            # the prepared model's parameters: FSDP2 has replaced the ones given at construction by
+            # sharded ones (holding the old ones would also keep every rank's whole copy alive)
+            self.params = [p for p in model.parameters() if p.requires_grad]
         self.verify(state.global_step, args.output_dir)
         logger.info("sparsity guard: %d layers, sparsity %.4f at step %d", len(self.check.layers), self.sparsity, state.global_step)
 

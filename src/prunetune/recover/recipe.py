@@ -33,6 +33,8 @@ from prunetune.recover.callbacks import SparsityGuard, TrainingProgress
 from prunetune.recover.distill import DistillTrainer
 from prunetune.recover.full import setup_full
 from prunetune.recover.lora import setup_lora, setup_masked_lora
+from prunetune.recover.memory_estimate import announce as announce_memory, check_optimizer
+from prunetune.recover.sharding import check_sharding
 from prunetune.recover.data_plan import DataPlan, HeldOutText, check_held_out, evaluates_during_training, plan_data  # noqa: F401
 from prunetune.recover.run_folder import prepare_output_dir, resolve_resume  # noqa: F401
 
@@ -201,9 +203,10 @@ def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args:
     from prunetune.outputs import check_output_dir, output_lock
 
     method = recovery_args.recovery_method
-    if method == "full" and (training_args.fsdp or training_args.deepspeed):
-        raise UsageError("--recovery_method full keeps whole-weight masks and is not supported with FSDP/DeepSpeed "
-                         "sharding yet; use DDP (torchrun / accelerate launch), or an adapter method.")
+    # Sharding: full follows FSDP2's DTensor shards; DeepSpeed ZeRO and FSDP1 flatten weights (sharding.py).
+    check_sharding(method, training_args)
+    check_optimizer(training_args)  # bitsandbytes present, CUDA for its paged optimizers
+    announce_memory(model_args, data_args, recovery_args, training_args)  # CUDA full: the predicted peak, logged
     resolve_dtype(model_args, recovery_args, training_args.device)  # refuses fp16 master weights before any work
     is_main = training_args.process_index == 0
     resume_dir = resolve_resume(training_args, method)
