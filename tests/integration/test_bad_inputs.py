@@ -144,6 +144,20 @@ CASES = [
      "--resume_from_checkpoint latest", "written by --recovery_method full", []),
     ("recover-full-fp16", "recover --model_name_or_path PRUNED --output_dir out --recovery_method full --dtype float16",
      "float16 master weights", ["out"]),
+    # ---- eval --tasks (zero-shot accuracy through lm-eval); the last two index lm-eval's tasks (~12 s each)
+    ("eval-tasks-limit-0", "eval --model MODEL --tasks boolq --limit 0 --json zs.json", "--limit 0 is not accepted", ["zs.json"]),
+    ("eval-tasks-limit-fraction", "eval --model MODEL --tasks boolq --limit 0.5", "--limit 0.5 is not accepted; give a whole number", []),
+    ("eval-tasks-fewshot-neg", "eval --model MODEL --tasks boolq --num_fewshot -1", "--num_fewshot -1 is not accepted", []),
+    ("eval-tasks-batch-0", "eval --model MODEL --tasks boolq --batch_size 0", "--batch_size 0 is not accepted", []),
+    ("eval-tasks-empty", "eval --model MODEL --tasks ,", "--tasks ',' names no task", []),
+    ("eval-tasks-include-missing", "eval --model MODEL --tasks boolq --include_path no/tasks", "--include_path no/tasks does not exist", []),
+    ("eval-tasks-include-no-yaml", "eval --model MODEL --tasks boolq --include_path RESULTS", "holds no .yaml file", []),
+    ("eval-limit-without-tasks", "eval --model MODEL --limit 10", "--limit applies to zero-shot tasks, and no --tasks was given", []),
+    ("eval-tasks-seqlen-alone", "eval --model MODEL --tasks boolq --seqlen 32", "with --tasks alone no perplexity runs", []),
+    ("eval-tasks-unknown", "eval --model MODEL --tasks hellaswagg --json zs.json", "unknown task 'hellaswagg' (closest: hellaswag",
+     ["zs.json"]),
+    ("eval-tasks-hub-offline", "eval --model MODEL --tasks arc_challenge --json zs.json",
+     "task 'arc_challenge' reads its examples (allenai/ai2_arc (ARC-Challenge)) from the Hugging Face Hub", ["zs.json"]),
     # ---- the command itself
     ("unknown-command", "frobnicate --model tiny", "unknown command 'frobnicate'", []),
 ]

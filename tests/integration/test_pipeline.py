@@ -216,12 +216,12 @@ def test_a_distilled_entry_beside_the_plain_one_reuses_the_plain_stages(small_se
     config = {**raw, "output_dir": str(tmp_path / "run"), "prune": raw["prune"][1:], "recover": [plain],
               "reconstruction_windows": 0}
     first = run_pipeline(load_config(config))
-    distilled = {**plain, "distill_from": "dense", "distill_hidden_weight": 1.0}
+    distilled = {**plain, "distill_from": "dense"}  # the defaults: KL 1 + SquareHead 1
     second = run_pipeline(load_config({**config, "recover": [plain, distilled]}))
     assert second.executed == ["recover wanda 50% + masked_lora + distill"]
     assert set(first.executed) <= set(second.reused)
     rows = {row.name: row for row in second.rows}
     row = rows["wanda 50% + masked_lora + distill"]
-    assert row.note.startswith("distilled from the dense model (CE 1, KL 1, SquareHead 1, T 1)")
+    assert row.note.startswith("distilled from the dense model (KL 1, SquareHead 1, T 1)")
     assert row.sparsity_after_merge == pytest.approx(rows["wanda 50%"].sparsity)  # exact, as without distillation
     assert row.perplexity != rows["wanda 50% + masked_lora"].perplexity

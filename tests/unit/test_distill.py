@@ -269,7 +269,8 @@ def test_accumulated_micro_batches_give_the_loss_of_one_batch(workspace, tmp_pat
     losses = []
     for batch, accumulation in (("4", "1"), ("2", "2")):
         out = tmp_path / f"b{batch}"
-        args = _args(workspace, "full", out, "--gradient_accumulation_steps", accumulation)
+        # KL only: a per-token mean, additive over micro-batches (SquareHead's variance is per batch)
+        args = _args(workspace, "full", out, "--gradient_accumulation_steps", accumulation, "--distill_hidden_weight", "0")
         args[args.index("--per_device_train_batch_size") + 1] = batch
         args[args.index("--max_steps") + 1] = "1"
         assert main(args) == 0

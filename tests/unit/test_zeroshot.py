@@ -117,6 +117,14 @@ def test_limit_text_must_be_a_whole_number():
         parse_limit("0.25")
 
 
+def test_without_lm_eval_the_message_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
+    with pytest.raises(UsageError, match=r'not installed.*pip install "prunetune\[zeroshot\]"'):
+        TaskCatalog().check_names(["boolq"])
+
+
 def test_pipeline_evaluation_keys_are_checked_at_load(task_dir, tmp_path):
     from prunetune.pipeline import load_config
 
@@ -131,6 +139,27 @@ def test_pipeline_evaluation_keys_are_checked_at_load(task_dir, tmp_path):
                                 ({"tasks": [NEXT_LINE_TASK], "include_path": str(tmp_path / "none")}, "config.evaluation.include_path")]:
         with pytest.raises(UsageError, match=message):
             load_config({**base, "evaluation": evaluation})
+
+
+def test_stage_keys_follow_the_task_files_content(tmp_path):
+    """A pipeline must not reuse stages scored on other task data: the identity hashed into their keys changes."""
+    from dataclasses import asdict
+
+    from prunetune.pipeline import load_config
+
+    folder = tmp_path / "tasks"
+    write_next_line_task(folder, examples=10, fewshot_examples=2)
+
+    def evaluation():
+        config = load_config({"model": "tiny", "output_dir": str(tmp_path / "run"), "evaluation": {
+            "tasks": [NEXT_LINE_TASK], "include_path": str(folder), "task_identity": "given values are replaced"}})
+        return asdict(config.evaluation)
+
+    first = evaluation()
+    assert first["task_identity"].startswith("lm-eval ") and "3 task files" in first["task_identity"]
+    assert evaluation() == first
+    write_next_line_task(folder, examples=10, fewshot_examples=2, seed=1)  # same files, other examples
+    assert evaluation()["task_identity"] != first["task_identity"]
 
 
 # ---- the offline task

@@ -10,7 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from prunetune.commands.common import DEFAULT_DATA_HELP, add_model_arguments, default_data, load_options, print_json
+from prunetune.commands.common import (
+    DEFAULT_DATA_HELP,
+    add_model_arguments,
+    default_data,
+    load_options,
+    print_json,
+)
 from prunetune.data import describe_sources
 from prunetune.errors import UsageError
 from prunetune.outputs import check_output_file
@@ -43,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _zeroshot_settings(args: argparse.Namespace):
     """The zero-shot settings (None without --tasks); a zero-shot flag without --tasks is refused."""
-    from prunetune.zeroshot import ZeroShotSettings, check_settings, parse_limit, parse_tasks
+    from prunetune.zeroshot import (
+        ZeroShotSettings,
+        check_settings,
+        parse_limit,
+        parse_tasks,
+    )
 
     if args.tasks is None:
         given = [flag for flag, value in (("--num_fewshot", args.num_fewshot), ("--limit", args.limit),

@@ -40,11 +40,17 @@ class EvaluationSpec:
     num_fewshot: int | None = None  # None: each task's own default (0 for the seven)
     limit: int | float | None = None  # examples per task, a whole number >= 1 (floats are refused); None: all
     include_path: str | None = None  # a folder of task YAMLs searched before lm-eval's (tasks on local data)
+    # Computed, not set (a value given, as in a copied config.resolved.yaml, is replaced): lm-eval's version and the
+    # content of include_path and of the data files its YAMLs name. Hashed with these keys into every stage's key,
+    # so stages re-run when the task definitions or their data change.
+    task_identity: str | None = None
 
     def __post_init__(self):
         """Checks the zero-shot keys: values, then the task names against lm-eval's index (seconds, only with tasks)."""
         from prunetune.zeroshot import TaskCatalog, check_settings, parse_tasks
+        from prunetune.zeroshot.tasks import task_identity
 
+        self.task_identity = None
         if self.tasks is None:
             for key in ("num_fewshot", "limit", "include_path"):
                 require(getattr(self, key) is None, f"config.evaluation.{key} applies to zero-shot tasks, and "
@@ -54,6 +60,7 @@ class EvaluationSpec:
         self.tasks = parse_tasks(self.tasks, "config.evaluation.tasks")
         check_settings(self.zeroshot_settings(), "config.evaluation.")
         TaskCatalog(self.include_path).check_names(self.tasks, "config.evaluation.tasks")
+        self.task_identity = task_identity(self.include_path)
 
     def zeroshot_settings(self):
         """The :class:`prunetune.zeroshot.ZeroShotSettings` of these keys (None without tasks)."""
@@ -112,9 +119,9 @@ class RecoverySpec:
     # Distillation from a dense teacher (prunetune recover --distill_from): "dense" is this
     # pipeline's own dense model; any other value a model path or name. null: none.
     distill_from: str | None = None
-    distill_ce_weight: float = 1.0
+    distill_ce_weight: float = 0.0  # the defaults of prunetune recover (see its --help)
     distill_kl_weight: float = 1.0
-    distill_hidden_weight: float = 0.0
+    distill_hidden_weight: float = 1.0
     distill_temperature: float = 1.0
     distill_dtype: str = "auto"
     # A name for this entry's rows and stages ("wanda 50% + full + NAME"): needed when two

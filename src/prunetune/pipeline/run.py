@@ -141,8 +141,12 @@ class Pipeline:
 
     def base_inputs(self) -> dict:
         """What every stage reads: the model (by content), the evaluation settings and data."""
+        evaluation = asdict(self.config.evaluation)
+        if not evaluation["tasks"]:  # no zero-shot tasks: hashed as before those keys existed
+            for key in ("tasks", "num_fewshot", "limit", "include_path", "task_identity"):
+                evaluation.pop(key, None)
         return {"model": self.identity("model", self.config.model), "dtype": self.config.dtype, "device": self.device(),
-                "trust_remote_code": self.config.trust_remote_code, "evaluation": asdict(self.config.evaluation),
+                "trust_remote_code": self.config.trust_remote_code, "evaluation": evaluation,
                 "evaluation_data": self.identity("data", self.config.evaluation.dataset)}
 
     def fingerprint_inputs(self) -> None:

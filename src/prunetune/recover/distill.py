@@ -45,9 +45,9 @@ class DistillSettings:
     """What ``--distill_*`` asked for (see :class:`prunetune.recover.args.RecoveryArguments`)."""
 
     teacher: str
-    ce_weight: float = 1.0
+    ce_weight: float = 0.0
     kl_weight: float = 1.0
-    hidden_weight: float = 0.0
+    hidden_weight: float = 1.0
     temperature: float = 1.0
     chunk_tokens: int = 1024
     dtype: str = "auto"

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from prunetune.outputs import atomic_write_text
 from prunetune.report.accuracy import accuracy_markdown, accuracy_terminal
-from prunetune.report.tables import ResultRow, headers, markdown_table, table_notes, terminal_table
+from prunetune.report.tables import (
+    ResultRow,
+    headers,
+    markdown_table,
+    table_notes,
+    terminal_table,
+)
 
 
 @dataclass

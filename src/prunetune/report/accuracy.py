@@ -43,8 +43,8 @@ def accuracy_notes(rows) -> list[str]:
     if not scored:
         return []
     first = scored[0].zeroshot
-    notes = [f"Accuracy (acc) per task, {describe_run(first)}; mean: {first['mean']['label']}. acc_norm (where a "
-             "task reports it), standard errors and group scores: results.json."]
+    notes = [(f"Accuracy (acc) per task, {describe_run(first)}; mean: {first['mean']['label']}. acc_norm (where a "
+              "task reports it), standard errors and group scores: results.json.")]
     for task, score in first["tasks"].items():
         notes.append(f"{task}: version {score['version']}, {score['n_shot']}-shot, {score['examples']} of "
                      f"{score['examples_total']} examples of the {score['split']} split ({score['data']}).")

@@ -16,9 +16,19 @@ tasks, offline errors), ``harness`` (the run), ``results`` (numbers and tables),
 """
 
 from prunetune.zeroshot.harness import evaluate_zeroshot
-from prunetune.zeroshot.local import NEXT_LINE_TASK, write_local_task, write_next_line_task
+from prunetune.zeroshot.local import (
+           NEXT_LINE_TASK,
+           write_local_task,
+           write_next_line_task,
+)
 from prunetune.zeroshot.results import TaskScore, ZeroShotResult, format_table, mean_of
-from prunetune.zeroshot.settings import SEVEN_TASKS, ZeroShotSettings, check_settings, parse_limit, parse_tasks
+from prunetune.zeroshot.settings import (
+           SEVEN_TASKS,
+           ZeroShotSettings,
+           check_settings,
+           parse_limit,
+           parse_tasks,
+)
 from prunetune.zeroshot.tasks import TaskCatalog
 
 __all__ = ["NEXT_LINE_TASK", "SEVEN_TASKS", "TaskCatalog", "TaskScore", "ZeroShotResult", "ZeroShotSettings",

@@ -19,13 +19,12 @@ import logging
 import time
 
 from prunetune.zeroshot.results import TaskScore, ZeroShotResult, metrics_of
+from prunetune.zeroshot.scope import kept_rng_states, quiet_lm_eval
 from prunetune.zeroshot.settings import ZeroShotSettings, check_settings
 from prunetune.zeroshot.tasks import (
     TaskCatalog,
     check_generation,
     dataset_of,
-    kept_rng_states,
-    quiet_lm_eval,
     require_lm_eval,
 )
 
@@ -110,7 +109,7 @@ def _result(raw: dict, tasks: dict, settings: ZeroShotSettings, seconds: float) 
     import lm_eval
 
     scores = {}
-    for name, task in tasks["tasks"].items():
+    for name in tasks["tasks"]:
         config = raw["configs"].get(name, {})
         counts = raw["n-samples"].get(name, {})
         split = config.get("test_split") or config.get("validation_split") or ""

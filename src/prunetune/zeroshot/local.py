@@ -26,7 +26,7 @@ CONTEXT_LINES = 8  # at most, before the line to predict
 MIN_CHARS = 16  # lines shorter than this (after stripping) are neither asked nor used as distractors
 MAX_CHARS = 100
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
-BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
 def _dump_yaml(definition: dict) -> str:
@@ -146,7 +146,7 @@ def write_local_task(folder: str | Path, task: str, data_files: dict[str, str], 
         path = Path(file).expanduser().resolve()
         require(path.is_file(), f"data_files[{split!r}]: {file} is not a file.")
         paths[split] = str(path)
-    kinds = {BUILDERS.get("".join(Path(p).suffixes[-1:]).lower()) for p in paths.values()}
+    kinds = {BUILDERS.get(Path(p).suffix.lower()) for p in paths.values()}
     require(len(kinds) == 1 and None not in kinds,
             f"data_files {data_files!r}: give files of one kind among {', '.join(sorted(BUILDERS))}.")
     definition = {"include": str(entry.yaml_path), "task": task, "dataset_path": kinds.pop(), "dataset_name": None,

@@ -9,12 +9,12 @@ when the Hub cannot be reached is refused naming the task and the way to give it
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import logging
 from pathlib import Path
 
 from prunetune.errors import UsageError
+from prunetune.zeroshot.scope import kept_rng_states, quiet_lm_eval
 from prunetune.zeroshot.settings import INSTALL_HINT, LM_EVAL_TESTED
 
 logger = logging.getLogger(__name__)
@@ -35,53 +35,6 @@ def local_data_help(include_key: str) -> str:
 def include_key(tasks_key: str) -> str:
     """``--tasks`` -> ``--include_path``; ``config.evaluation.tasks`` -> ``config.evaluation.include_path``."""
     return tasks_key.removesuffix("tasks") + "include_path"
-
-
-# lm-eval's notes about its own shipped definitions (defaults it fills in, an in-memory model): nothing to act on
-_CHATTER = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model",
-            "is defined, but aggregation is not", "is defined, but higher_is_better is not")
-
-
-@contextlib.contextmanager
-def kept_rng_states():
-    """Python's, numpy's and torch's (CPU and CUDA) global RNG states come back as they were.
-
-    lm-eval draws from (and seeds) them while it loads tasks and runs; the caller's draws must
-    not depend on whether it evaluated in between.
-    """
-    import random
-
-    import numpy as np
-    import torch
-
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-
-
-class _DropChatter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(part in message for part in _CHATTER)
-
-
-@contextlib.contextmanager
-def quiet_lm_eval():
-    """Drop lm-eval's chatter (see _CHATTER) from its loggers for the duration; its other messages pass."""
-    loggers = [logging.getLogger(name) for name in ("lm_eval.api.task", "lm_eval.models.huggingface")]
-    chatter = _DropChatter()
-    for each in loggers:
-        each.addFilter(chatter)
-    try:
-        yield
-    finally:
-        for each in loggers:
-            each.removeFilter(chatter)
 
 
 def require_lm_eval():
@@ -171,7 +124,7 @@ class TaskCatalog:
                 config = load_yaml(path, resolve_func=False)
                 if not isinstance(config, dict) or not any(k in config for k in ("task", "group", "class")):
                     problems.append((path, "no 'task' or 'group' key"))
-            except Exception as err:  # noqa: BLE001 - a YAML error, a missing include: reported, not raised
+            except Exception as err:  # a YAML error, a missing include: reported, not raised
                 problems.append((path, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"))
         return problems
 
@@ -199,6 +152,43 @@ class TaskCatalog:
         return {"tasks": tasks, "groups": groups, "group_map": group_map}
 
 
+def task_identity(include_path: str | None) -> str:
+    """What identifies a set of task definitions for a stage key: lm-eval's version (its own tasks come with it)
+    and, with ``include_path``, the content of every file in that folder and of the data files its YAMLs name.
+
+    Hub datasets are identified by name, as prunetune's other Hub data sources are.
+    """
+    import hashlib
+
+    lm_eval = require_lm_eval()
+    identity = f"lm-eval {lm_eval.__version__}"
+    if not include_path:
+        return identity
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from prunetune.data.local import file_digest
+
+    folder = Path(include_path).expanduser().resolve()
+    files = {path.resolve() for path in folder.rglob("*") if path.is_file() and "__pycache__" not in path.parts}
+    for definition in sorted(folder.rglob("*.yaml")):
+        try:
+            config = load_yaml(definition, resolve_func=False)
+        except Exception as err:  # hashed as a file all the same; check_names reports it
+            logger.debug("task identity: %s not read as YAML (%s)", definition, err)
+            continue
+        kwargs = (config.get("dataset_kwargs") or {}) if isinstance(config, dict) else {}
+        data_files = kwargs.get("data_files") or {} if isinstance(kwargs, dict) else {}
+        named = data_files.values() if isinstance(data_files, dict) else [data_files]
+        for entry in named:  # a file, or a list of files, per split
+            for each in [entry] if isinstance(entry, str) else entry if isinstance(entry, list) else []:
+                if isinstance(each, str) and Path(each).expanduser().is_file():
+                    files.add(Path(each).expanduser().resolve())
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(f"{path}\0{file_digest(path)}\n".encode())
+    return f"{identity}; {len(files)} task files, sha256 {digest.hexdigest()[:16]}"
+
+
 def _may_need_hub(entry) -> bool:
     """Whether loading this index entry may fetch from the Hub (a group or tag: its tasks may)."""
     config = entry.cfg or {}
@@ -213,7 +203,8 @@ def dataset_of(config: dict) -> str:
     path, name = config.get("dataset_path"), config.get("dataset_name")
     files = (config.get("dataset_kwargs") or {}).get("data_files")
     if path in LOCAL_BUILDERS and files:
-        shown = files if isinstance(files, str) else ", ".join(str(v) for v in (files.values() if isinstance(files, dict) else files))
+        listed = files.values() if isinstance(files, dict) else [files] if isinstance(files, str) else files
+        shown = ", ".join(str(v) for v in listed)
         return f"{path}: {shown}"
     return f"{path} ({name})" if name else str(path)
 
@@ -233,8 +224,8 @@ def _load_one(manager, name: str, key: str) -> dict:
         if reason is not None:
             raise UsageError(f"{key}: task {name!r} reads its examples ({data}) from the Hugging Face Hub, which cannot "
                              f"be used here ({reason}), and they are not in the local datasets cache. To run it, "
-                             f"{local_data_help(include_key(key))}. Or fill the cache on a machine with network (HF_HOME) and copy it "
-                             "here.") from err
+                             f"{local_data_help(include_key(key))}. Or fill the cache on a machine with network "
+                             "(HF_HOME) and copy it here.") from err
         raise UsageError(f"{key}: lm-eval could not load task {name!r} (data: {data}): {type(err).__name__}: {first}. "
                          "Check its definition and data files; for a Hub dataset without network, "
                          f"{local_data_help(include_key(key))}.") from err
