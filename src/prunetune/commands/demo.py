@@ -1,7 +1,8 @@
 """prunetune demo: the whole workflow on the bundled tiny model and the builtin corpus, offline.
 
 Dense; magnitude, Wanda and SparseGPT at 50% unstructured and 2:4; then lora, masked_lora
-and full recovery of the Wanda 50% model, with held-out perplexity every 5 steps; then each
+and full recovery of the Wanda 50% model, and full distilled from the dense model, with
+held-out perplexity every 5 steps; then each
 configuration's per-layer output error. Prints a line per stage as it starts and ends, then
 the results table, and writes report.md with plots (default folder runs/demo; re-running
 reuses every finished stage). About 2 minutes on 2 idle CPU cores.

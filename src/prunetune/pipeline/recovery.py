@@ -155,7 +155,7 @@ def run_recovery(pipeline, directory: Path, pruned_dir: Path, method: str, setti
                     {"stage": "recover", "method": method, "base_model": str(pruned_dir.absolute()),
                      "pruned_model": str(pruned_dir)}, overwrite=True)
         summary["export_dir"] = "merged"
-        summary["evaluation_merged"] = pipeline.evaluate(merged, f"{label} merged")
+        summary["evaluation_merged"] = pipeline.evaluate(merged, f"{label} merged", zeroshot=False)  # same weights
     return summary
 
 

@@ -162,6 +162,12 @@ class Pipeline:
     def check(self) -> None:
         """Everything the model's config reveals, before any stage runs (see :func:`checks.check_model_shapes`)."""
         self._gram_bytes = check_model_shapes(self.config)
+        spec = self.config.evaluation
+        if spec.tasks:  # every task loads (its data found) before any stage runs, not after the dense perplexity
+            from prunetune.zeroshot import TaskCatalog
+
+            self._task_catalog = TaskCatalog(spec.include_path)
+            self._task_catalog.load(list(spec.tasks), "config.evaluation.tasks")
 
     def reconstruction_windows(self) -> int:
         """Calibration windows for the per-layer error stage; 0: no such stage (see the config key)."""

@@ -16,8 +16,8 @@ vocab, twice: teacher and student). The student's forward is asked for the last 
 logits only (``logits_to_keep=1``); both models' final hidden states are then sent through
 their output layers ``chunk_tokens`` positions at a time, each chunk under activation
 checkpointing, so at most one chunk of logits per model exists at once, in the forward and
-in the backward. The first training step checks that the output layer applied to the final
-hidden state reproduces the model's logits; a model that post-processes its logits (soft
+in the backward. Before the first step, one short forward checks that the output layer applied to
+the final hidden state reproduces the model's logits; a model that post-processes its logits (soft
 capping, scaling) falls back to full logits, with a warning.
 """
 
@@ -230,7 +230,7 @@ class Distiller:
         self.teacher = teacher
         self.student_tap = Tap(student, settings.matches_hidden)
         self.teacher_tap = Tap(teacher, settings.matches_hidden)
-        self.chunked = self.student_tap.keeps_logits  # confirmed (or not) on the first batch
+        self.chunked = self.student_tap.keeps_logits  # confirmed (or not) before the first step
         self.checked = False
 
     def _teacher_pass(self, inputs: dict) -> None:
@@ -243,23 +243,22 @@ class Distiller:
     def loss(self, model: nn.Module, inputs: dict) -> LossParts:
         settings = self.settings
         labels = inputs["labels"]
+        if not self.checked:
+            self._check_head(model, inputs)
         self._teacher_pass(inputs)
         self.student_tap.clear(recording=True)
-        chunked = self.chunked and self.checked
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                        **({"logits_to_keep": 1} if chunked else {}))
+                        **({"logits_to_keep": 1} if self.chunked else {}))
         self.student_tap.recording = False
         want_kl = settings.kl_weight > 0
         targets = labels[:, 1:].reshape(-1)
         teacher_hidden = self.teacher_tap.final[:, :-1].reshape(-1, self.teacher_tap.final.shape[-1])
-        if chunked:
+        if self.chunked:
             student_hidden = self.student_tap.final[:, :-1].reshape(-1, self.student_tap.final.shape[-1])
             ce_sum, kl_sum = chunked_logit_losses(student_hidden, teacher_hidden, targets, self.student_tap.head,
                                                   self.teacher_tap.head, settings.temperature, settings.chunk_tokens, want_kl)
         else:
             logits = outputs.logits[:, :-1].reshape(-1, outputs.logits.shape[-1])
-            if not self.checked:
-                self._check_head(logits)
             ce_sum = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
             kl_sum = ce_sum.new_zeros(())
             if want_kl:
@@ -277,15 +276,21 @@ class Distiller:
         self.teacher_tap.clear()
         return LossParts(total, ce.item(), kl.item(), hidden.item())
 
-    def _check_head(self, logits: torch.Tensor) -> None:
-        """On the first batch: does the output layer on the final hidden state give the model's logits?"""
+    def _check_head(self, model: nn.Module, inputs: dict) -> None:
+        """Before the first step: does the output layer on the final hidden state give the model's logits?
+
+        One forward of the batch's first 64 positions of one sequence, without gradients.
+        """
         self.checked = True
         if not self.chunked:
             return
-        final = self.student_tap.final[:, :-1].reshape(-1, self.student_tap.final.shape[-1])
+        tokens = inputs["input_ids"][:1, :64]
+        mask = inputs.get("attention_mask")
+        self.student_tap.clear(recording=True)
         with torch.no_grad():
-            rebuilt = self.student_tap.head(final[:64]).float()
-        reference = logits[:64].detach().float()
+            reference = model(input_ids=tokens, attention_mask=None if mask is None else mask[:1, :64]).logits[0].float()
+            rebuilt = self.student_tap.head(self.student_tap.final[0]).float()
+        self.student_tap.clear()
         if not torch.allclose(rebuilt, reference, rtol=1e-3, atol=1e-3 * reference.abs().max().item()):
             logger.warning("distillation: this model's logits are not its output layer applied to its last hidden "
                            "state (logit scaling or capping); computing the losses from full logits instead of "
