@@ -136,10 +136,11 @@ def loop(model, device, data, warmup: int, enforcer=None) -> float:
     return time.perf_counter() - start
 
 
-def trainer_run(setup, device, data, warmup: int, batch: int, model=None) -> float:
+def trainer_run(setup, device, data, warmup: int, batch: int, model=None, **training) -> float:
     """``prunetune recover``'s training path (Trainer + guard + method callbacks) with its defaults.
 
     With ``setup=None``, a plain ``transformers.Trainer`` on ``model`` with the same arguments.
+    ``training``: further ``RecoveryTrainingArguments`` (e.g. ``gradient_checkpointing=True``).
     """
     from transformers import Trainer, TrainerCallback, default_data_collator
 
@@ -163,7 +164,8 @@ def trainer_run(setup, device, data, warmup: int, batch: int, model=None) -> flo
     blocks = BlockDataset(torch.cat([ids.cpu() for ids in data]), "random")
     with tempfile.TemporaryDirectory() as output_dir:
         args = RecoveryTrainingArguments(output_dir=output_dir, max_steps=len(data), per_device_train_batch_size=batch,
-                                         learning_rate=1e-5, save_strategy="no", disable_tqdm=True, report_to=[])
+                                         learning_rate=1e-5, save_strategy="no", disable_tqdm=True, report_to=[],
+                                         **training)
         if setup is None:
             trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
                               callbacks=[Clock()])
