@@ -58,7 +58,8 @@ def plot_perplexity(rows: list[ResultRow], path: Path) -> None:
 
 
 def _colors(names: list[str]) -> dict[str, str]:
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+               "#393b79", "#637939", "#843c39", "#7b4173", "#e7ba52"]  # 14 before one repeats
     return {name: palette[i % len(palette)] for i, name in enumerate(names)}
 
 
