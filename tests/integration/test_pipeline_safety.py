@@ -283,3 +283,17 @@ def _write(folder, config):
     path = folder / f"config-{len(list(folder.glob('config-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"\xff\xfe", b"[1, 2]"])
+def test_a_damaged_stage_manifest_reruns_that_stage_only(setup, damage, caplog):
+    _, config = setup
+    config = {**config, "recover": [], "prune": config["prune"][:1]}
+    first = run_pipeline(load_config(config))
+    manifest = first.output_dir / "stages" / "prune_magnitude_50pct" / "stage.json"
+    manifest.write_bytes(damage)
+    second = run_pipeline(load_config(config))
+    assert second.executed == ["prune magnitude 50%"] and "dense" in second.reused
+    assert "unreadable" in caplog.text or damage == b"[1, 2]"
+    assert _perplexities(second) == _perplexities(first)
+    assert json.loads(manifest.read_text())["complete"] is True

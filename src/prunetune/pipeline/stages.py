@@ -97,7 +97,13 @@ class StageRunner:
         key = stage_hash({"format": STAGE_FORMAT, "stage": name, "inputs": inputs})
         manifest = directory / STAGE_MANIFEST
         if manifest.exists():
-            saved = json.loads(manifest.read_text())
+            try:
+                saved = json.loads(manifest.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as err:  # damaged: the stage runs again, replacing it
+                logger.warning("stage %s: %s is unreadable (%s); running the stage again", name, manifest, err)
+                saved = {}
+            if not isinstance(saved, dict):
+                saved = {}
             if saved.get("key") == key and saved.get("complete"):
                 logger.info("stage %s: reusing %s", name, directory)
                 self.reused.append(name)
