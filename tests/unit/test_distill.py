@@ -107,14 +107,19 @@ def test_a_model_whose_logits_are_not_its_head_falls_back_to_full_logits(caplog)
         out.logits = out.logits * 0.5
         return out
 
-    handle = student.register_forward_hook(scale)
+    handles = [student.register_forward_hook(scale), teacher.register_forward_hook(scale)]
     tokens = random_tokens(2, 10)
     batch = {"input_ids": tokens, "labels": tokens}
     try:
-        distiller.loss(student, batch)
+        parts = distiller.loss(student, batch)
+        with torch.no_grad():  # the KL of the two models' own (scaled) logits, not of their output layers'
+            s, t = student(input_ids=tokens).logits[:, :-1], teacher(input_ids=tokens).logits[:, :-1]
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     assert not distiller.chunked and "full logits" in caplog.text
+    assert parts.kl == pytest.approx(kl_per_token(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), 1.0).mean().item(),
+                                     rel=1e-5)
 
 
 # ---- end to end through prunetune recover

@@ -233,19 +233,22 @@ class Distiller:
         self.chunked = self.student_tap.keeps_logits  # confirmed (or not) before the first step
         self.checked = False
 
-    def _teacher_pass(self, inputs: dict) -> None:
+    def _teacher_pass(self, inputs: dict):
+        """The teacher's forward; its full logits only when the losses cannot be chunked."""
         self.teacher_tap.clear(recording=True)
+        keep_one = self.chunked and self.teacher_tap.keeps_logits
         with torch.no_grad():
-            self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                         **({"logits_to_keep": 1} if self.teacher_tap.keeps_logits else {}))
+            outputs = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                   **({"logits_to_keep": 1} if keep_one else {}))
         self.teacher_tap.recording = False
+        return outputs
 
     def loss(self, model: nn.Module, inputs: dict) -> LossParts:
         settings = self.settings
         labels = inputs["labels"]
         if not self.checked:
             self._check_head(model, inputs)
-        self._teacher_pass(inputs)
+        teacher_outputs = self._teacher_pass(inputs)
         self.student_tap.clear(recording=True)
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                         **({"logits_to_keep": 1} if self.chunked else {}))
@@ -261,9 +264,8 @@ class Distiller:
             logits = outputs.logits[:, :-1].reshape(-1, outputs.logits.shape[-1])
             ce_sum = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
             kl_sum = ce_sum.new_zeros(())
-            if want_kl:
-                with torch.no_grad():
-                    teacher_logits = self.teacher_tap.head(teacher_hidden)
+            if want_kl:  # the teacher's own logits: whatever its forward does after the output layer
+                teacher_logits = teacher_outputs.logits[:, :-1].reshape(-1, teacher_outputs.logits.shape[-1])
                 kl_sum = (kl_per_token(logits, teacher_logits, settings.temperature) * (targets != IGNORE_INDEX)).sum()
         count = (targets != IGNORE_INDEX).sum().clamp_min(1)
         ce, kl = ce_sum / count, kl_sum / count
