@@ -61,6 +61,7 @@ class Pipeline:
         self.trainer_cannot_evaluate = False  # set when the recipe's Trainer had no held-out data (eval_steps)
         self._windows: int | None = None
         self._dense_copy: Path | None = None  # a safetensors copy of a GGUF model, saved by the dense stage
+        self._task_catalog = None  # lm-eval's task index, built once (by check() when the config names tasks)
 
     # ---- helpers shared by the stages
     def device(self) -> str:
@@ -125,7 +126,7 @@ class Pipeline:
         from prunetune.zeroshot import TaskCatalog, evaluate_zeroshot
 
         spec = self.config.evaluation
-        if getattr(self, "_task_catalog", None) is None:
+        if self._task_catalog is None:
             self._task_catalog = TaskCatalog(spec.include_path)
         return evaluate_zeroshot(model, self.tokenizer(), spec.zeroshot_settings(), catalog=self._task_catalog,
                                  prefix="config.evaluation.").to_dict()
