@@ -16,11 +16,9 @@ import contextlib
 import json
 import logging
 import math
-import random
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import Trainer, default_data_collator
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
@@ -37,6 +35,7 @@ from prunetune.recover.memory_estimate import announce as announce_memory, check
 from prunetune.recover.sharding import check_sharding
 from prunetune.recover.data_plan import DataPlan, HeldOutText, check_held_out, evaluates_during_training, plan_data  # noqa: F401
 from prunetune.recover.run_folder import prepare_output_dir, resolve_resume  # noqa: F401
+from prunetune.rng import kept_rng_states
 
 logger = logging.getLogger(__name__)
 
@@ -172,23 +171,6 @@ def make_trainer(setup, training_args: RecoveryTrainingArguments, train_data, to
     return trainer, guard
 
 
-@contextlib.contextmanager
-def scoped_rng():
-    """Restore Python's, NumPy's and torch's global random states on exit.
-
-    The recipe seeds the adapter's initialisation and the Trainer reseeds everything for its
-    run (``set_seed``); neither may change what the caller's process draws next.
-    """
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-
-
 def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args: RecoveryArguments,
             training_args: RecoveryTrainingArguments, callbacks: list | None = None) -> RecoveryResult:
     """Recover a pruned model; write the adapter (or model) and ``recovery.json`` to ``--output_dir``.
@@ -213,7 +195,7 @@ def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args:
     if is_main and resume_dir is None:
         check_output_dir(training_args.output_dir, overwrite=training_args.overwrite_output_dir)
     lock = output_lock(training_args.output_dir, "prunetune recover") if is_main else contextlib.nullcontext()
-    with lock, scoped_rng():
+    with lock, kept_rng_states():  # the Trainer's set_seed must not change the caller's draws
         return _recover(model_args, data_args, recovery_args, training_args, callbacks, resume_dir)
 
 

@@ -10,31 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 
+from prunetune.rng import kept_rng_states  # noqa: F401  (re-exported: lm-eval's draws stay in the call)
+
 # lm-eval's notes about its own shipped definitions (defaults it fills in, an in-memory model): nothing to act on
 _CHATTER = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model",
             "is defined, but aggregation is not", "is defined, but higher_is_better is not")
-
-
-@contextlib.contextmanager
-def kept_rng_states():
-    """Python's, numpy's and torch's (CPU and CUDA) global RNG states come back as they were.
-
-    lm-eval draws from (and seeds) them while it loads tasks and runs; the caller's draws must
-    not depend on whether it evaluated in between.
-    """
-    import random
-
-    import numpy as np
-    import torch
-
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
 
 
 class _DropChatter(logging.Filter):
