@@ -2,15 +2,14 @@
 
 import hashlib
 import json
-import random
 
 import pytest
 import torch
 import torch.nn.functional as F
-from factories import make_model, make_tokenizer, prune_half_rows, random_tokens, save_model_folder
+from factories import make_model, make_tokenizer, prune_half_rows, random_tokens
+from test_recover_cli import workspace  # noqa: F401  (module fixture: dense, pruned, text.txt)
 
 from prunetune.cli import main
-from prunetune.errors import UsageError
 from prunetune.masks import measure_sparsity
 from prunetune.modules import find_decoder_blocks
 from prunetune.recover.distill import (
@@ -21,7 +20,6 @@ from prunetune.recover.distill import (
     squarehead,
 )
 
-WORDS = "a sparse model keeps half of its weights and learns back what pruning took from it".split()
 
 
 # ---- the losses against a direct computation
@@ -125,18 +123,6 @@ def test_a_model_whose_logits_are_not_its_head_falls_back_to_full_logits(caplog)
 # ---- end to end through prunetune recover
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill")
-    model = save_model_folder(root / "dense", "llama")
-    prune_half_rows(model)
-    model.save_pretrained(root / "pruned")
-    make_tokenizer().save_pretrained(root / "pruned")
-    rng = random.Random(0)
-    (root / "text.txt").write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(300)))
-    return root
-
-
 def _args(ws, method, out, *extra):
     return ["recover", "--model_name_or_path", str(ws / "pruned"), "--dataset_name", str(ws / "text.txt"),
             "--block_size", "64", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3",
@@ -148,7 +134,7 @@ def _digest(folder) -> str:
     return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file())).hexdigest()
 
 
-def test_full_with_distillation_keeps_sparsity_and_a_frozen_unchanged_teacher(workspace, tmp_path, monkeypatch):
+def test_full_with_distillation_keeps_sparsity_and_a_frozen_unchanged_teacher(workspace, tmp_path, monkeypatch):  # noqa: F811
     from prunetune.recover import distill
 
     teachers = []
@@ -182,7 +168,7 @@ def test_full_with_distillation_keeps_sparsity_and_a_frozen_unchanged_teacher(wo
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["masks.safetensors", "model.safetensors"]  # student only
 
 
-def test_masked_lora_with_distillation_merges_exactly(workspace, tmp_path):
+def test_masked_lora_with_distillation_merges_exactly(workspace, tmp_path):  # noqa: F811
     out, merged = tmp_path / "adapter", tmp_path / "merged"
     assert main(_args(workspace, "masked_lora", out, "--distill_dtype", "bfloat16")) == 0
     assert json.loads((out / "prunetune.json").read_text())["distillation"]["teacher_dtype"] == "bfloat16"
@@ -193,7 +179,7 @@ def test_masked_lora_with_distillation_merges_exactly(workspace, tmp_path):
     assert measure_sparsity(AutoModelForCausalLM.from_pretrained(merged)).per_module() == pruned
 
 
-def test_resume_with_distillation_keeps_no_teacher_in_checkpoints(workspace, tmp_path):
+def test_resume_with_distillation_keeps_no_teacher_in_checkpoints(workspace, tmp_path):  # noqa: F811
     out = tmp_path / "resumable"
     args = _args(workspace, "full", out, "--save_strategy", "steps", "--save_steps", "2")
     args[args.index("--max_steps") + 1] = "2"
@@ -215,7 +201,7 @@ def test_resume_with_distillation_keeps_no_teacher_in_checkpoints(workspace, tmp
     ({"vocab_size": 96}, "vocabulary size is 96"),
     ({"num_hidden_layers": 3}, "number of blocks is 3"),
 ])
-def test_a_mismatched_teacher_is_refused_before_any_work(workspace, tmp_path, capsys, monkeypatch, change, named):
+def test_a_mismatched_teacher_is_refused_before_any_work(workspace, tmp_path, capsys, monkeypatch, change, named):  # noqa: F811
     from prunetune import loading
 
     config = make_model("llama").config
@@ -236,7 +222,7 @@ def test_a_mismatched_teacher_is_refused_before_any_work(workspace, tmp_path, ca
     assert not loads and not (tmp_path / "out").exists()  # nothing loaded, nothing written
 
 
-def test_a_teacher_with_another_tokenizer_is_refused(workspace, tmp_path, capsys):
+def test_a_teacher_with_another_tokenizer_is_refused(workspace, tmp_path, capsys):  # noqa: F811
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
@@ -258,18 +244,18 @@ def test_a_teacher_with_another_tokenizer_is_refused(workspace, tmp_path, capsys
     ("--distill_chunk_tokens", "0", "--distill_chunk_tokens 0"),
     ("--distill_dtype", "int8", "--distill_dtype 'int8'"),
 ])
-def test_bad_distill_flags_exit_2(workspace, tmp_path, capsys, flag, value, named):
+def test_bad_distill_flags_exit_2(workspace, tmp_path, capsys, flag, value, named):  # noqa: F811
     assert main([*_args(workspace, "full", tmp_path / "out"), flag, value]) == 2
     assert named in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
-def test_all_weights_zero_is_refused(workspace, tmp_path, capsys):
+def test_all_weights_zero_is_refused(workspace, tmp_path, capsys):  # noqa: F811
     args = [*_args(workspace, "full", tmp_path / "out"), "--distill_ce_weight", "0", "--distill_kl_weight", "0",
             "--distill_hidden_weight", "0"]
     assert main(args) == 2 and "nothing to train on" in capsys.readouterr().err
 
 
-def test_accumulated_micro_batches_give_the_loss_of_one_batch(workspace, tmp_path):
+def test_accumulated_micro_batches_give_the_loss_of_one_batch(workspace, tmp_path):  # noqa: F811
     """batch 4 x 1 and batch 2 x 2 accumulation steps: the same logged loss (a mean, not a sum of means)."""
     losses = []
     for batch, accumulation in (("4", "1"), ("2", "2")):
