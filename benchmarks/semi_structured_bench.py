@@ -32,6 +32,7 @@ build either kind of semi-structured tensor. Writes ``--json`` (or ``$OUT/semi_s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -67,7 +68,10 @@ def sparse_backends(device: torch.device) -> tuple[dict, str | None]:
     if major < 8:
         return {}, f"compute capability {major}.{minor}: 2:4 sparse tensor cores need 8.0 or newer"
     try:
-        from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+        from torch.sparse import (
+            SparseSemiStructuredTensorCUSPARSELT,
+            SparseSemiStructuredTensorCUTLASS,
+        )
     except ImportError as err:
         return {}, f"this torch ({torch.__version__}) has no semi-structured sparse tensors: {err}"
     found, reasons = {}, []
@@ -81,6 +85,18 @@ def sparse_backends(device: torch.device) -> tuple[dict, str | None]:
         except Exception as err:  # a backend this build or card lacks
             reasons.append(f"{name}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
     return found, None if found else "; ".join(reasons)
+
+
+def record_timing(row: dict, mode: str, fn, device: torch.device, iters: int, rounds: int) -> None:
+    """Time ``fn`` in ``mode`` (eager / graph) into ``row``: ``MODE_seconds`` and tokens/s, or ``MODE_error``."""
+    try:
+        seconds = time_call(fn, device, iters, rounds, mode == "graph")
+    except Exception as err:
+        row[f"{mode}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        return
+    row[f"{mode}_seconds"] = seconds
+    if seconds:
+        row[f"{mode}_tokens_per_second"] = row["tokens"] / seconds
 
 
 def time_call(fn, device: torch.device, iters: int, rounds: int, graph: bool) -> float | None:
@@ -154,14 +170,7 @@ def time_rows(rows: list[dict], calls: list, device, iters: int, rounds: int) ->
         for row, call in zip(rows, calls):
             if call is None or "error" in row:
                 continue
-            try:
-                seconds = time_call(call, device, iters, rounds, mode == "graph")
-            except Exception as err:
-                row[f"{mode}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-                continue
-            row[f"{mode}_seconds"] = seconds
-            if seconds:
-                row[f"{mode}_tokens_per_second"] = row["tokens"] / seconds
+            record_timing(row, mode, call, device, iters, rounds)
 
 
 def layer_rows(args, device, backends: dict) -> list[dict]:
@@ -275,15 +284,8 @@ def model_rows(args, device, backends: dict, budget_end: float) -> tuple[list[di
                 continue
             use(row["impl"])
             ids = inputs[(row["tokens"], row["layout"])]
-            try:
-                seconds = time_call(lambda: model(input_ids=ids, logits_to_keep=1), device, args.model_iters,
-                                    args.model_rounds, mode == "graph")
-            except Exception as err:
-                row[f"{mode}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-                continue
-            row[f"{mode}_seconds"] = seconds
-            if seconds:
-                row[f"{mode}_tokens_per_second"] = row["tokens"] / seconds
+            record_timing(row, mode, functools.partial(model, input_ids=ids, logits_to_keep=1), device,
+                          args.model_iters, args.model_rounds)
     use("dense")
     add_speedups(rows, ("tokens", "layout"))
     facts = {"blocks": config.num_hidden_layers, "hidden": config.hidden_size, "intermediate": config.intermediate_size,
