@@ -61,9 +61,9 @@ def test_loss_equals_a_direct_computation(arch, chunk):
     second = distiller.loss(student, batch)
     ce, kl, sq = _direct(student, teacher, tokens, 2.0)
     for parts in (first, second):
-        assert parts.ce == pytest.approx(ce.item(), rel=1e-5)
-        assert parts.kl == pytest.approx(kl.item(), rel=1e-4, abs=1e-7)
-        assert parts.hidden == pytest.approx(sq.item(), rel=1e-5)
+        assert float(parts.ce) == pytest.approx(ce.item(), rel=1e-5)
+        assert float(parts.kl) == pytest.approx(kl.item(), rel=1e-4, abs=1e-7)
+        assert float(parts.hidden) == pytest.approx(sq.item(), rel=1e-5)
         assert parts.total.item() == pytest.approx(0.7 * ce.item() + 1.3 * kl.item() + 0.5 * sq.item(), rel=1e-5)
 
 
@@ -116,7 +116,7 @@ def test_a_model_whose_logits_are_not_its_head_falls_back_to_full_logits(caplog)
         for handle in handles:
             handle.remove()
     assert not distiller.chunked and "full logits" in caplog.text
-    assert parts.kl == pytest.approx(kl_per_token(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), 1.0).mean().item(),
+    assert float(parts.kl) == pytest.approx(kl_per_token(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), 1.0).mean().item(),
                                      rel=1e-5)
 
 

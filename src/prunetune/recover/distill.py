@@ -60,8 +60,9 @@ class DistillSettings:
 # ---- checks before any work
 
 
-def check_teacher(teacher: str, student: str, settings: DistillSettings, options, tokenizer_name: str | None = None) -> None:
-    """Refuse a teacher the student cannot be distilled from, from configs and tokenizers alone.
+def check_teacher(teacher: str, student: str, settings: DistillSettings, options, student_tokenizer) -> None:
+    """Refuse a teacher the student cannot be distilled from, from configs and tokenizers alone
+    (``student_tokenizer``: the one the recovery trains with, already loaded).
 
     Raises:
         UsageError: naming the first mismatch: model type, vocabulary size, tokenizer vocabulary,
@@ -83,7 +84,7 @@ def check_teacher(teacher: str, student: str, settings: DistillSettings, options
             raise UsageError(f"{what} cannot teach {student}: its {label} is {theirs!r}, the student's is {mine!r}. "
                              f"The teacher must be the dense model the student was pruned from (same architecture, "
                              f"vocabulary and tokenizer).{extra}")
-    student_vocab = load_tokenizer(tokenizer_name or student, options).get_vocab()
+    student_vocab = student_tokenizer.get_vocab()
     teacher_vocab = load_tokenizer(teacher, options).get_vocab()
     if student_vocab != teacher_vocab:
         differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=lambda item: item[1])
@@ -216,10 +217,13 @@ def squarehead(student_blocks: list[torch.Tensor], teacher_blocks: list[torch.Te
 
 @dataclass
 class LossParts:
+    """One batch's loss (``total``, with its graph) and its parts, detached and still on the device:
+    reading them as Python floats would make the host wait for the device on every micro-batch."""
+
     total: torch.Tensor
-    ce: float
-    kl: float
-    hidden: float
+    ce: torch.Tensor
+    kl: torch.Tensor
+    hidden: torch.Tensor
 
 
 class Distiller:
@@ -276,7 +280,7 @@ class Distiller:
             total = total + settings.hidden_weight * hidden
         self.student_tap.clear()
         self.teacher_tap.clear()
-        return LossParts(total, ce.item(), kl.item(), hidden.item())
+        return LossParts(total, ce.detach(), kl.detach(), hidden.detach())
 
     def _check_head(self, model: nn.Module, inputs: dict) -> None:
         """Before the first step: does the output layer on the final hidden state give the model's logits?
@@ -315,7 +319,7 @@ class DistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.distiller = distiller
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let the Trainer average over accumulation
-        self._parts = {"loss_ce": 0.0, "loss_kl": 0.0, "loss_hidden": 0.0}
+        self._parts: dict = {"loss_ce": 0.0, "loss_kl": 0.0, "loss_hidden": 0.0}  # device tensors once a batch ran
         self._batches = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -331,11 +335,12 @@ class DistillTrainer(Trainer):
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._batches:
             settings = self.distiller.settings
-            logs["loss_ce"] = round(self._parts["loss_ce"] / self._batches, 4)
+            means = {key: float(value) / self._batches for key, value in self._parts.items()}  # one sync per log
+            logs["loss_ce"] = round(means["loss_ce"], 4)
             if settings.kl_weight > 0:
-                logs["loss_kl"] = round(self._parts["loss_kl"] / self._batches, 4)
+                logs["loss_kl"] = round(means["loss_kl"], 4)
             if settings.matches_hidden:
-                logs["loss_hidden"] = round(self._parts["loss_hidden"] / self._batches, 4)
+                logs["loss_hidden"] = round(means["loss_hidden"], 4)
             self._parts = dict.fromkeys(self._parts, 0.0)
             self._batches = 0
         super().log(logs, *args, **kwargs)

@@ -127,12 +127,22 @@ def load_options(model_args: ModelArguments, recovery_args: RecoveryArguments, t
                        flag="--model_name_or_path")
 
 
-def load(model_args: ModelArguments, recovery_args: RecoveryArguments, training_args: RecoveryTrainingArguments):
-    from prunetune.loading import load_model, load_tokenizer
+def load_student_tokenizer(model_args: ModelArguments, recovery_args: RecoveryArguments,
+                           training_args: RecoveryTrainingArguments):
+    from prunetune.loading import load_tokenizer
 
     options = load_options(model_args, recovery_args, training_args)
     tokenizer_options = replace(options, flag="--tokenizer_name") if model_args.tokenizer_name else options
-    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, tokenizer_options)
+    return load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path, tokenizer_options)
+
+
+def load(model_args: ModelArguments, recovery_args: RecoveryArguments, training_args: RecoveryTrainingArguments,
+         tokenizer=None):
+    from prunetune.loading import load_model
+
+    options = load_options(model_args, recovery_args, training_args)
+    if tokenizer is None:
+        tokenizer = load_student_tokenizer(model_args, recovery_args, training_args)
     model = load_model(model_args.model_name_or_path, options)
     model.config.use_cache = False  # no KV cache while training
     return model.to(training_args.device), tokenizer
@@ -212,12 +222,14 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
         logger.warning("--dataset_config_name %s ignored: prunetune's %r source fixes its files", data_args.dataset_config_name,
                        plan.train_source)
     distill = recovery_args.distill_settings()
+    tokenizer = None
     if distill is not None and training_args.do_train:  # before the student loads: configs and tokenizers only
         from prunetune.recover.distill import check_teacher
 
+        tokenizer = load_student_tokenizer(model_args, recovery_args, training_args)
         check_teacher(distill.teacher, model_args.model_name_or_path, distill,
-                      load_options(model_args, recovery_args, training_args), model_args.tokenizer_name)
-    model, tokenizer = load(model_args, recovery_args, training_args)
+                      load_options(model_args, recovery_args, training_args), tokenizer)
+    model, tokenizer = load(model_args, recovery_args, training_args, tokenizer)
     check_config(model, model_args)
     sparsity_before = zero_fraction(base_layers(model))
     check_sparsity(model_args.model_name_or_path, sparsity_before, recovery_args)
