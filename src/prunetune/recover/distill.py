@@ -16,7 +16,8 @@ vocab, twice: teacher and student). The student's forward is asked for the last 
 logits only (``logits_to_keep=1``); both models' final hidden states are then sent through
 their output layers ``chunk_tokens`` positions at a time, each chunk under activation
 checkpointing, so at most one chunk of logits per model exists at once, in the forward and
-in the backward. Before the first step, one short forward checks that the output layer applied to
+in the backward (about 7 chunk x vocab float32 tensors at the chunk's peak, hence the default of
+256 positions: 0.9 GB for a 128k vocabulary). Before the first step, one short forward checks that the output layer applied to
 the final hidden state reproduces the model's logits; a model that post-processes its logits (soft
 capping, scaling) falls back to full logits, with a warning.
 """
@@ -49,7 +50,7 @@ class DistillSettings:
     kl_weight: float = 1.0
     hidden_weight: float = 1.0
     temperature: float = 1.0
-    chunk_tokens: int = 1024
+    chunk_tokens: int = 256
     dtype: str = "auto"
 
     @property
@@ -163,16 +164,36 @@ class Tap:
 
 
 def kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)) per row, in float32."""
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return (teacher.exp() * (teacher - student)).sum(-1) * temperature**2
+    """T^2 * KL(softmax(t/T) || softmax(s/T)) per row, in float32.
+
+    Written as cross-entropy(student, teacher's probabilities) - entropy(teacher's probabilities):
+    the teacher's side is formed without gradients and only its probabilities stay alive, and the
+    fused soft-target cross-entropy keeps one log-softmax of the student for the backward, so a
+    chunk holds fewer vocabulary-wide tensors than the textbook p * (log p - log q).
+    """
+    def scaled(logits: torch.Tensor) -> torch.Tensor:
+        return logits.float() if temperature == 1 else logits.float() / temperature
+
+    with torch.no_grad():
+        teacher = F.log_softmax(scaled(teacher_logits), dim=-1)
+        probs = teacher.exp()
+        negative_entropy = (probs * teacher).sum(-1)
+        del teacher
+    cross = F.cross_entropy(scaled(student_logits), probs, reduction="none")
+    return (cross + negative_entropy) * temperature**2
 
 
-def _logit_losses(student_hidden, teacher_hidden, labels, student_head, teacher_head, temperature: float, want_kl: bool):
+def _cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, grad: bool) -> torch.Tensor:
+    """Summed next-token CE; without a graph when its weight is 0 (then it is only logged)."""
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        return F.cross_entropy(logits if grad else logits.detach(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _logit_losses(student_hidden, teacher_hidden, labels, student_head, teacher_head, temperature: float, want_kl: bool,
+                  ce_grad: bool = True):
     """Summed CE and KL over rows (``labels == -100`` rows count in neither)."""
     logits = student_head(student_hidden).float()
-    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    ce = _cross_entropy_sum(logits, labels, ce_grad)
     if not want_kl:
         return ce, ce.new_zeros(())
     with torch.no_grad():
@@ -182,20 +203,21 @@ def _logit_losses(student_hidden, teacher_hidden, labels, student_head, teacher_
 
 
 def chunked_logit_losses(student_hidden, teacher_hidden, labels, student_head, teacher_head, temperature: float,
-                         chunk_tokens: int, want_kl: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         chunk_tokens: int, want_kl: bool = True, ce_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed CE and KL over (N, hidden) rows, ``chunk_tokens`` rows at a time, each chunk checkpointed.
 
     Only one chunk's logits (student and teacher) exist at once: the backward recomputes each
-    chunk's logits from its hidden rows.
+    chunk's logits from its hidden rows. ``ce_grad=False``: the CE is computed for the log only.
     """
     ce_total, kl_total = student_hidden.new_zeros((), dtype=torch.float32), student_hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, student_hidden.shape[0], chunk_tokens):
         rows = slice(start, start + chunk_tokens)
         pieces = (student_hidden[rows], teacher_hidden[rows] if teacher_hidden is not None else None, labels[rows])
-        if torch.is_grad_enabled() and student_hidden.requires_grad:
-            ce, kl = checkpoint(_logit_losses, *pieces, student_head, teacher_head, temperature, want_kl, use_reentrant=False)
+        if torch.is_grad_enabled() and student_hidden.requires_grad and (want_kl or ce_grad):
+            ce, kl = checkpoint(_logit_losses, *pieces, student_head, teacher_head, temperature, want_kl, ce_grad,
+                                use_reentrant=False)
         else:
-            ce, kl = _logit_losses(*pieces, student_head, teacher_head, temperature, want_kl)
+            ce, kl = _logit_losses(*pieces, student_head, teacher_head, temperature, want_kl, ce_grad)
         ce_total, kl_total = ce_total + ce, kl_total + kl
     return ce_total, kl_total
 
@@ -258,15 +280,17 @@ class Distiller:
                         **({"logits_to_keep": 1} if self.chunked else {}))
         self.student_tap.recording = False
         want_kl = settings.kl_weight > 0
+        ce_grad = settings.ce_weight > 0
         targets = labels[:, 1:].reshape(-1)
         teacher_hidden = self.teacher_tap.final[:, :-1].reshape(-1, self.teacher_tap.final.shape[-1])
         if self.chunked:
             student_hidden = self.student_tap.final[:, :-1].reshape(-1, self.student_tap.final.shape[-1])
             ce_sum, kl_sum = chunked_logit_losses(student_hidden, teacher_hidden, targets, self.student_tap.head,
-                                                  self.teacher_tap.head, settings.temperature, settings.chunk_tokens, want_kl)
+                                                  self.teacher_tap.head, settings.temperature, settings.chunk_tokens, want_kl,
+                                                  ce_grad)
         else:
             logits = outputs.logits[:, :-1].reshape(-1, outputs.logits.shape[-1])
-            ce_sum = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+            ce_sum = _cross_entropy_sum(logits.float(), targets, ce_grad)
             kl_sum = ce_sum.new_zeros(())
             if want_kl:  # the teacher's own logits: whatever its forward does after the output layer
                 teacher_logits = teacher_outputs.logits[:, :-1].reshape(-1, teacher_outputs.logits.shape[-1])
