@@ -108,6 +108,12 @@ def test_pipeline_report_and_reuse(small_setup):
      "give one of the two entries a distinct 'name'"),
     ({"recover": [{"prune": "wanda 50%", "distill_from": "dense", "distill_temperature": 0}]},
      "config.recover[0].distill_temperature: 0.0 is not accepted"),
+    ({"recover": [{"prune": "wanda 50%", "validation_file": "/nonexistent/wiki.txt", "eval_steps": 1}]},
+     "/nonexistent/wiki.txt"),
+    ({"recover": [{"prune": "wanda 50%", "validation_file": "c4", "eval_steps": 1}]},
+     "config.recover[0].validation_file: 'c4' names a dataset, not a file"),
+    ({"recover": [{"prune": "wanda 50%", "validation_file": __file__}]},
+     "config.recover[0].validation_file: " + repr(__file__) + " is only scored during training, every eval_steps steps"),
 ])
 def test_bad_config_fails_before_work(small_setup, tmp_path, capsys, change, message):
     _, raw = small_setup
@@ -225,3 +231,26 @@ def test_a_distilled_entry_beside_the_plain_one_reuses_the_plain_stages(small_se
     assert row.note.startswith("distilled from the dense model (KL 1, SquareHead 1, T 1)")
     assert row.sparsity_after_merge == pytest.approx(rows["wanda 50%"].sparsity)  # exact, as without distillation
     assert row.perplexity != rows["wanda 50% + masked_lora"].perplexity
+
+
+def test_a_curve_on_another_text_adds_a_stage_and_changes_no_other(small_setup, tmp_path):
+    """validation_file: the curve is scored on that text; entries without it keep their stage keys."""
+    root, raw = small_setup
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join("the quick brown fox jumps over the lazy dog " * 3 for _ in range(200)))
+    plain = {**raw["recover"][0], "methods": ["masked_lora"], "max_steps": 2, "eval_steps": 1}
+    config = {**raw, "output_dir": str(tmp_path / "run"), "prune": raw["prune"][1:], "recover": [plain],
+              "reconstruction_windows": 0}
+    first = run_pipeline(load_config(config))
+    elsewhere = {**plain, "validation_file": str(other), "name": "other text"}
+    second = run_pipeline(load_config({**config, "recover": [plain, elsewhere]}))
+    assert second.executed == ["recover wanda 50% + masked_lora + other text"]
+    assert set(first.executed) <= set(second.reused)
+    stage_dirs = {json.loads(p.read_text())["stage"]: p.parent for p in (tmp_path / "run" / "stages").glob("*/stage.json")}
+    results = {name: json.loads((stage_dirs[f"recover wanda 50% + masked_lora{suffix}"] / "stage.json").read_text())["result"]
+               for name, suffix in (("plain", ""), ("other", " + other text"))}
+    assert "other.txt" in results["other"]["eval_text"] and "other.txt" not in results["plain"]["eval_text"]
+    assert [step for step, _ in results["other"]["eval_history"]] == [0, 1, 2]
+    # the same pruned model at step 0, scored on a different text
+    assert results["other"]["eval_history"][0][1] != pytest.approx(results["plain"]["eval_history"][0][1], rel=1e-3)
+    assert results["other"]["eval_dense_perplexity"] != pytest.approx(results["plain"]["eval_dense_perplexity"], rel=1e-3)

@@ -116,6 +116,10 @@ class RecoverySpec:
     eval_steps: int | None = None
     max_eval_samples: int | None = None  # held-out blocks scored each time (None: all of them)
     per_device_eval_batch_size: int = 8
+    # The text the curve is scored on: a local file (prunetune recover --validation_file), e.g.
+    # WikiText-2 validation while training on C4. Then all of ``dataset`` trains (nothing of it is
+    # held out). null: the training data's held-out part (or its own validation split).
+    validation_file: str | None = None
     # Distillation from a dense teacher (prunetune recover --distill_from): "dense" is this
     # pipeline's own dense model; any other value a model path or name. null: none.
     distill_from: str | None = None
@@ -216,6 +220,17 @@ class PipelineConfig:
             for method in spec.methods:
                 settings = spec.for_method(method, where)
                 check_source(settings["dataset"])
+                if settings["validation_file"] is not None:
+                    key = setting_key(spec, method, "validation_file", where)
+                    require(settings["eval_steps"] is not None,
+                            f"{key}: {settings['validation_file']!r} is only scored during training, every eval_steps "
+                            f"steps; set {setting_key(spec, method, 'eval_steps', where)} (e.g. 5) or drop validation_file.")
+                    from prunetune.data import SOURCES
+
+                    require(settings["validation_file"] not in SOURCES or Path(settings["validation_file"]).exists(),
+                            f"{key}: {settings['validation_file']!r} names a dataset, not a file; give a local "
+                            ".txt/.jsonl/.json/.parquet file or folder.")
+                    check_source(settings["validation_file"], key)
                 _check_recovery(settings, functools.partial(setting_key, spec, method, where=where))
                 label = spec.label(method)
                 require(label not in seen, f"{where}: {label!r} is also what {seen.get(label)} recovers; give one of "

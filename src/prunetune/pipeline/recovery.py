@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 # Settings that only add evaluation during training: left out of a stage's key while at their
 # defaults, so runs finished before they existed stay valid.
-EVAL_DEFAULTS = {"eval_steps": None, "max_eval_samples": None, "per_device_eval_batch_size": 8}
+EVAL_DEFAULTS = {"eval_steps": None, "max_eval_samples": None, "per_device_eval_batch_size": 8, "validation_file": None}
 
 
 def recovery_dtype(method: str, dtype: str) -> str:
@@ -71,7 +71,8 @@ def recovery_arguments(pipeline, train_dir: Path, pruned_dir: Path, method: str,
     model_args = ModelArguments(model_name_or_path=str(pruned_dir), dtype=recovery_dtype(method, config.dtype),
                                 trust_remote_code=config.trust_remote_code)
     data_args = DataArguments(dataset_name=settings["dataset"], block_size=settings["block_size"],
-                              max_train_samples=settings["max_train_samples"], max_eval_samples=settings["max_eval_samples"])
+                              max_train_samples=settings["max_train_samples"], max_eval_samples=settings["max_eval_samples"],
+                              validation_file=settings["validation_file"])
     recovery_args = RecoveryArguments(recovery_method=method, lora_r=settings["lora_r"], lora_alpha=settings["lora_alpha"],
                                       lora_dropout=settings["lora_dropout"],
                                       lora_target_modules=settings["lora_target_modules"], eval_before_training=False,
