@@ -1,6 +1,7 @@
 """A reduced pipeline end to end: report files and numbers, and a second run reuses every stage."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -254,3 +255,22 @@ def test_a_curve_on_another_text_adds_a_stage_and_changes_no_other(small_setup, 
     # the same pruned model at step 0, scored on a different text
     assert results["other"]["eval_history"][0][1] != pytest.approx(results["plain"]["eval_history"][0][1], rel=1e-3)
     assert results["other"]["eval_dense_perplexity"] != pytest.approx(results["plain"]["eval_dense_perplexity"], rel=1e-3)
+
+
+def test_two_configs_sharing_a_stages_dir_keep_each_others_stages(small_setup, tmp_path):
+    """A second config with other settings for the same row never replaces the first config's finished stage."""
+    _, raw = small_setup
+    entry = {**raw["recover"][0], "methods": ["full"], "max_steps": 1, "eval_steps": None}
+    base = {**raw, "prune": raw["prune"][1:], "reconstruction_windows": 0, "stages_dir": "../shared_stages"}
+    first = {**base, "output_dir": str(tmp_path / "a"), "recover": [entry]}
+    second = {**base, "output_dir": str(tmp_path / "b"), "recover": [{**entry, "max_steps": 2}]}
+    one = run_pipeline(load_config(first))
+    two = run_pipeline(load_config(second))
+    assert two.executed == ["recover wanda 50% + full"] and "prune wanda 50%" in two.reused
+    again = run_pipeline(load_config(first))
+    assert again.executed == []  # the first config's row is still there
+    rows = [{r.name: r.perplexity for r in result.rows}["wanda 50% + full"] for result in (one, two, again)]
+    assert rows[0] == rows[2] != rows[1]
+    folders = sorted(p.name for p in (tmp_path / "shared_stages").iterdir() if p.name.startswith("recover"))
+    assert len(folders) == 2 and folders[0] == "recover_wanda_50pct_-_full"
+    assert re.fullmatch(r"recover_wanda_50pct_-_full-[0-9a-f]{8}", folders[1])  # the second config's, beside it

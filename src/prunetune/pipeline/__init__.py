@@ -7,7 +7,8 @@ holding the hash of its inputs: its own settings, the hashes of the stages it re
 training data). A stage whose manifest is complete and whose hash is unchanged is reused, so a
 re-run after a crash, or after adding a method to the config, redoes only what is missing,
 while an edited data file or model folder redoes what read it. Stage directories are written
-atomically. Everything the config alone can reveal -- numbers out of range, N:M groups that do
+atomically; in a ``stages_dir`` shared by several configs a finished stage of another config is never
+replaced (the new one goes beside it, its folder named with its hash). Everything the config alone can reveal -- numbers out of range, N:M groups that do
 not tile a layer, windows longer than the model's context -- is checked before any stage runs.
 
 Modules: ``config`` (the file's schema and checks), ``fingerprints`` (content identities),

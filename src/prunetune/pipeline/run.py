@@ -52,7 +52,8 @@ class Pipeline:
     def __init__(self, config: PipelineConfig, listener: Callable[[StageEvent], None] | None = None):
         self.config = config
         self.root = Path(config.output_dir).expanduser()
-        self.stages = StageRunner(config.stages_root(), listener)  # its total is counted by run(), after check()
+        # its total is counted by run(), after check(); a stages_dir may hold other configs' stages: never replace them
+        self.stages = StageRunner(config.stages_root(), listener, shared=config.stages_dir is not None)
         self.fingerprints = FingerprintCache(self.root / FINGERPRINT_CACHE)
         self._identities: dict[tuple[str, str], str | dict] = {}
         self._tokenizer = None

@@ -64,6 +64,19 @@ class StageEvent:
         return f"{head}: done in {took}" if self.status == "done" else f"{head}: reused" + (f" (ran {took})" if took else "")
 
 
+def _finished(name: str, directory: Path) -> dict | None:
+    """The manifest of a finished stage in ``directory``, or None (none there, unfinished, or damaged)."""
+    manifest = directory / STAGE_MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        saved = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # damaged: the stage runs again, replacing it
+        logger.warning("stage %s: %s is unreadable (%s); running the stage again", name, manifest, err)
+        return None
+    return saved if isinstance(saved, dict) and saved.get("complete") and "result" in saved else None
+
+
 def _seconds(seconds: float | None) -> str:
     if seconds is None:
         return ""
@@ -77,12 +90,17 @@ class StageRunner:
         root: the folder that holds one directory per stage.
         listener: called with a :class:`StageEvent` as each stage starts and ends.
         total: how many stages the run has (for ``[i/total]``); 0: count as they come.
+        shared: ``root`` is shared with other configs (``stages_dir``): a finished stage of the same
+            name but another key is another config's result, so it is kept, and this one goes to
+            ``<folder>-<key[:8]>`` beside it. Otherwise a stale stage is replaced.
     """
 
-    def __init__(self, root: Path, listener: Callable[[StageEvent], None] | None = None, total: int = 0):
+    def __init__(self, root: Path, listener: Callable[[StageEvent], None] | None = None, total: int = 0,
+                 shared: bool = False):
         self.root = Path(root)
         self.listener = listener
         self.total = total
+        self.shared = shared
         self.executed: list[str] = []
         self.reused: list[str] = []
 
@@ -95,20 +113,15 @@ class StageRunner:
         """Reuse or run the stage ``name`` in ``root/folder`` (default: a slug of the name)."""
         directory = self.root / (folder or _slug(name))
         key = stage_hash({"format": STAGE_FORMAT, "stage": name, "inputs": inputs})
-        manifest = directory / STAGE_MANIFEST
-        if manifest.exists():
-            try:
-                saved = json.loads(manifest.read_text())
-            except (OSError, UnicodeDecodeError, ValueError) as err:  # damaged: the stage runs again, replacing it
-                logger.warning("stage %s: %s is unreadable (%s); running the stage again", name, manifest, err)
-                saved = {}
-            if not isinstance(saved, dict):
-                saved = {}
-            if saved.get("key") == key and saved.get("complete"):
-                logger.info("stage %s: reusing %s", name, directory)
-                self.reused.append(name)
-                self._announce(name, "reused", saved.get("seconds"))
-                return StageResult(name, directory, key, saved["result"], True)
+        saved = _finished(name, directory)
+        if self.shared and saved is not None and saved.get("key") != key:  # another config's stage: keep it
+            directory = directory.with_name(f"{directory.name}-{key[:8]}")
+            saved = _finished(name, directory)
+        if saved is not None and saved.get("key") == key:
+            logger.info("stage %s: reusing %s", name, directory)
+            self.reused.append(name)
+            self._announce(name, "reused", saved.get("seconds"))
+            return StageResult(name, directory, key, saved["result"], True)
         logger.info("stage %s: running", name)
         self._announce(name, "running")
         started = time.perf_counter()
