@@ -83,6 +83,20 @@ def check_source(source: str, flag: str | None = None) -> None:
     resolve(source, flag)
 
 
+def check_local_file(value: str, flag: str, instead: str = "") -> None:
+    """Raise :class:`UsageError` unless ``value`` is a local file or folder: a setting that takes a
+    file (``--train_file``, a pipeline's ``validation_file``) refuses a source's name, such as ``c4``.
+
+    Args:
+        flag: how messages name the setting (``--train_file``, ``config.recover[0].validation_file:``).
+        instead: what to use for a named source, appended to the message (``, or use --dataset_name c4``).
+    """
+    if value in SOURCES and not Path(value).exists():
+        raise UsageError(f"{flag} {value!r} names a dataset, not a file: give a local .txt/.jsonl/.json/.parquet "
+                         f"file or folder{instead}.")
+    check_source(value, flag)
+
+
 def check_validation_percent(validation_percent) -> None:
     ok = isinstance(validation_percent, (int, float)) and not isinstance(validation_percent, bool)
     require(ok and 0 <= validation_percent < 100,

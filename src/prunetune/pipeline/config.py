@@ -182,7 +182,7 @@ class PipelineConfig:
     progress: bool = True  # progress bars (stage lines are printed by the CLI either way, unless -q)
 
     def __post_init__(self):
-        from prunetune.data import SPLITS, check_source
+        from prunetune.data import SPLITS, check_local_file, check_source
         from prunetune.defaults import default_data
         from prunetune.loading import DTYPES
 
@@ -225,12 +225,7 @@ class PipelineConfig:
                     require(settings["eval_steps"] is not None,
                             f"{key}: {settings['validation_file']!r} is only scored during training, every eval_steps "
                             f"steps; set {setting_key(spec, method, 'eval_steps', where)} (e.g. 5) or drop validation_file.")
-                    from prunetune.data import SOURCES
-
-                    require(settings["validation_file"] not in SOURCES or Path(settings["validation_file"]).exists(),
-                            f"{key}: {settings['validation_file']!r} names a dataset, not a file; give a local "
-                            ".txt/.jsonl/.json/.parquet file or folder.")
-                    check_source(settings["validation_file"], key)
+                    check_local_file(settings["validation_file"], f"{key}:")
                 _check_recovery(settings, functools.partial(setting_key, spec, method, where=where))
                 label = spec.label(method)
                 require(label not in seen, f"{where}: {label!r} is also what {seen.get(label)} recovers; give one of "

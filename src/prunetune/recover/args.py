@@ -202,14 +202,9 @@ class DataArguments:
 
 def _check_local_file(flag: str, value: str) -> None:
     """``--train_file`` / ``--validation_file`` name local text, not a named source."""
-    from pathlib import Path
+    from prunetune.data import check_local_file
 
-    from prunetune.data import SOURCES, check_source
-
-    if value in SOURCES and not Path(value).exists():
-        raise UsageError(f"--{flag} {value!r} names a dataset, not a file: give a local .txt/.jsonl/.json/.parquet "
-                         f"file or folder, or use --dataset_name {value}.")
-    check_source(value, f"--{flag}")
+    check_local_file(value, f"--{flag}", f", or use --dataset_name {value}")
 
 
 @dataclass
