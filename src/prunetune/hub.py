@@ -1,12 +1,13 @@
-"""Is the Hugging Face Hub reachable? Asked once per process, answered in seconds.
+"""Is the Hugging Face Hub reachable? Answered in seconds, and remembered for a minute.
 
 Without network, ``from_pretrained`` / ``load_dataset`` retry for 25-55 s and print a dozen
 warnings before failing. Before prunetune hands a hub id to them it asks :func:`hub_offline`:
 
 * ``HF_HUB_OFFLINE=1`` (or ``HF_DATASETS_OFFLINE=1``) set by the user: offline, no probe;
 * otherwise one TCP connection to the Hub's host (``HF_ENDPOINT`` or huggingface.co, port
-  443, 3 s timeout) decides, and the answer is kept for the rest of the process -- the
-  network does not come and go within one command, and asking again would cost the wait again.
+  443, 3 s timeout) decides. The answer is remembered for :data:`REMEMBER_S` seconds: one
+  command asks several times (tokenizer, model, data) and should pay the wait once, but a
+  long-lived process (a notebook, a pipeline) must see the network come back.
 
 Offline, callers load with ``local_files_only`` (the cache still serves what it holds) and,
 when the cache does not hold it, raise :func:`offline_error`, which names the flag the user gave.
@@ -14,14 +15,15 @@ when the cache does not hold it, raise :func:`offline_error`, which names the fl
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
+import time
 from urllib.parse import urlparse
 
 from prunetune.errors import UsageError
 
 PROBE_TIMEOUT_S = 3.0
+REMEMBER_S = 60.0  # how long one probe's answer stands (both answers: a reachable Hub can go away too)
 TRUE = {"1", "true", "yes", "on"}
 
 
@@ -29,9 +31,22 @@ def _env_offline() -> bool:
     return any(os.environ.get(name, "").strip().lower() in TRUE for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-@functools.lru_cache(maxsize=1)
+# endpoint -> (time.monotonic() of the probe, its answer); entries older than REMEMBER_S are asked again.
+_answers: dict[str, tuple[float, str | None]] = {}
+
+
 def _probe(endpoint: str) -> str | None:
-    """None when the endpoint accepts a TCP connection, else why not (one line)."""
+    """None when the endpoint accepts a TCP connection, else why not (one line); remembered REMEMBER_S seconds."""
+    now = time.monotonic()
+    asked = _answers.get(endpoint)
+    if asked is not None and 0 <= now - asked[0] < REMEMBER_S:
+        return asked[1]
+    answer = _connect(endpoint)
+    _answers[endpoint] = (now, answer)
+    return answer
+
+
+def _connect(endpoint: str) -> str | None:
     parsed = urlparse(endpoint)
     host = parsed.hostname or "huggingface.co"
     port = parsed.port or (80 if parsed.scheme == "http" else 443)

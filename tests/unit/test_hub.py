@@ -54,3 +54,36 @@ def test_a_mistyped_folder_below_an_existing_one_is_a_path(tmp_path, monkeypatch
     with pytest.raises(UsageError, match="does not exist"):
         resolve_model_path("out/nonexistent")
     assert not hub.looks_like_path("meta-llama/Llama-2-7b-hf")
+
+
+def test_a_failed_probe_does_not_stick_for_the_process(monkeypatch):
+    """One failed probe is remembered briefly (one command asks several times), then asked again."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://probe-sticks.invalid")
+    clock = [1000.0]
+    monkeypatch.setattr(hub, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock[0])}), raising=False)
+    network = {"up": False}
+    connections = []
+
+    class Connection:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def connect(address, timeout):
+        connections.append(address)
+        if not network["up"]:
+            raise OSError(101, "Network is unreachable")
+        return Connection()
+
+    monkeypatch.setattr(hub.socket, "create_connection", connect)
+    assert "unreachable" in hub.offline_reason()
+    assert "unreachable" in hub.offline_reason()  # within one command: asked once
+    assert len(connections) == 1
+    network["up"] = True
+    clock[0] += 3600  # an hour later, in the same process (a notebook, a pipeline)
+    assert hub.offline_reason() is None
+    assert len(connections) == 2
