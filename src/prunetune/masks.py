@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prunetune.errors import UsageError
 from prunetune.modules import find_decoder_blocks, prunable_layers, weight_matrix
 
 # 64 bits of sha256: the digest tells apart the prunings one user may mix up (accidental
@@ -134,10 +135,21 @@ class MaskSet:
         return cls(masks)
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The model's module for each masked layer name.
+
+        Raises:
+            UsageError: a masked layer the model does not have (masks taken from another model,
+                or names that lack or add a wrapper prefix such as ``base_model.model.``).
+        """
         modules = dict(model.named_modules())
         missing = [name for name in self.masks if name not in modules]
         if missing:
-            raise KeyError(f"masked layers not in the model: {missing[:3]}")
+            known = [name for block in find_decoder_blocks(model) for name in map(block.qualified, block.linears)]
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            example = f" (its prunable layers are named like {known[0]})" if known else ""
+            raise UsageError(f"{len(missing)} of the {len(self.masks)} masked layers are not in the "
+                             f"{type(model).__name__} model: {shown}{example}. The masks must come from this model "
+                             "(MaskSet.from_zeros(model) or its pruner), with the same layer names.")
         return {name: modules[name] for name in self.masks}
 
     def sparsity(self) -> float:
