@@ -11,13 +11,11 @@ pass that turns a block's outputs into the next block's inputs (:func:`propagate
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from prunetune.calibrate.capture import BlockInputs
+from prunetune.calibrate.types import BlockInputs
 
 
 class Stop(Exception):

@@ -8,35 +8,12 @@ then stops the forward. Nothing here names a model family.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from prunetune.calibrate.blocks import Stop, TensorPool, map_tensors
+from prunetune.calibrate.types import BlockInputs, CalibrationOptions  # BlockInputs re-exported: its old home
 from prunetune.modules import DecoderBlock
-
-if TYPE_CHECKING:
-    from prunetune.calibrate.driver import CalibrationOptions
-
-
-@dataclass
-class BlockInputs:
-    """Calibration activations entering a block, in batches.
-
-    Attributes:
-        hidden: per batch, hidden states (B, T, hidden); replaced in place block by block.
-        extras: per batch, (extra positional args, keyword args) the first block received;
-            identical tensors across batches are stored once.
-    """
-
-    hidden: list[torch.Tensor] = field(default_factory=list)
-    extras: list[tuple[tuple, dict]] = field(default_factory=list)
-
-    @property
-    def samples(self) -> int:
-        return sum(h.shape[0] for h in self.hidden)
 
 
 @torch.no_grad()

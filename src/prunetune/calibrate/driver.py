@@ -25,66 +25,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunetune.calibrate import lockstep
 from prunetune.calibrate.blocks import BlockPlacement, ExtrasCache, propagate, synchronize
 from prunetune.calibrate.capture import capture_inputs
 from prunetune.calibrate.one_pass import OnePass
 from prunetune.calibrate.two_pass import TwoPass
+from prunetune.calibrate.types import BlockTiming, CalibrationOptions  # re-exported: their old home
 from prunetune.modules import DecoderBlock, find_decoder_blocks
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class CalibrationOptions:
-    """How calibration runs.
-
-    Attributes:
-        batch_size: calibration samples per block forward.
-        device: where blocks run (e.g. ``cuda``); None = where each block already is.
-        offload_activations: keep calibration activations in CPU memory between blocks.
-        early_stop: end the statistics forward once every hooked layer has seen its input.
-        true_sequential: prune each layer right before it first runs, from the inputs the
-            block *as pruned so far* gives it, in a single block forward (see
-            :mod:`prunetune.calibrate.one_pass`); default: every layer of a block is calibrated
-            on the dense block's activations, then the block re-runs (the papers' reference).
-        progress: show a progress bar over blocks.
-        lockstep_timeout: with ``true_sequential``, seconds one batch may run between two
-            pauses before the run is abandoned as hung (None: wait forever).
-    """
-
-    batch_size: int = 8
-    device: str | torch.device | None = None
-    offload_activations: bool = False
-    early_stop: bool = True
-    true_sequential: bool = False
-    progress: bool = False
-    lockstep_timeout: float | None = lockstep.DEFAULT_TIMEOUT
-
-
-@dataclass
-class BlockTiming:
-    """Seconds spent on one block (``statistics`` includes its forward pass; with
-    ``true_sequential`` it is the block's only forward, which also propagates)."""
-
-    block: int
-    statistics: float = 0.0
-    prune: float = 0.0
-    propagate: float = 0.0
-
-    @property
-    def total(self) -> float:
-        return self.statistics + self.prune + self.propagate
-
-    def to_dict(self) -> dict:
-        return {"block": self.block, "statistics": self.statistics, "prune": self.prune,
-                "propagate": self.propagate, "total": self.total}
 
 
 def _layers_to_prune(block: DecoderBlock, layer_names: set[str] | None) -> dict[str, nn.Module]:

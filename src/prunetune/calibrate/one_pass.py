@@ -19,20 +19,16 @@ import logging
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from prunetune.calibrate import lockstep
 from prunetune.calibrate.blocks import ExtrasCache, Stop, is_dispatched, run_block, store_output, synchronize
-from prunetune.calibrate.capture import BlockInputs
 from prunetune.calibrate.two_pass import LayerStatistics
+from prunetune.calibrate.types import BlockInputs, BlockTiming, CalibrationOptions
 from prunetune.errors import UsageError
 from prunetune.modules import DecoderBlock, weight_matrix, weight_param_shape
-
-if TYPE_CHECKING:
-    from prunetune.calibrate.driver import BlockTiming, CalibrationOptions
 
 logger = logging.getLogger(__name__)
 

@@ -19,17 +19,13 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from prunetune.calibrate.blocks import ExtrasCache, Stop, is_dispatched, run_block, synchronize
+from prunetune.calibrate.types import BlockInputs, BlockTiming, CalibrationOptions
 from prunetune.modules import DecoderBlock, weight_matrix, weight_param_shape
-
-if TYPE_CHECKING:
-    from prunetune.calibrate.capture import BlockInputs
-    from prunetune.calibrate.driver import BlockTiming, CalibrationOptions
 
 logger = logging.getLogger(__name__)
 
