@@ -5,7 +5,11 @@ taken just before that layer merges and dropped right after, so verifying positi
 just counts -- never holds more than one layer's mask (a 7B model's full set would be GBs).
 
 * masked LoRA: the merged delta is zero at every pruned weight by construction; the report
-  proves it (``pruned_nonzero == 0`` in every layer, per-layer sparsity equal).
+  proves it (``pruned_nonzero == 0`` in every layer, per-layer sparsity equal). The merged
+  weight is the one the adapter's evaluation multiplied by, bit for bit in every dtype (in
+  bf16 / fp16 the same stochastic rounding and seed as the fused forward on the same device
+  type: :func:`prunetune.recover.masked_lora.merged_weight`), so the merged model's perplexity
+  is the adapter's.
 * plain LoRA: the merge densifies the adapted layers; the report shows by how much, and
   ``remask=True`` re-applies the pruned mask after merging (which costs accuracy: measure it).
 """
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from prunetune.masks import measure_sparsity
+from prunetune.recover.masked_lora import MaskedLoraLinear, MaskedLoraVariant, merged_weight
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +153,12 @@ def merged_zero_fraction(peft_model: nn.Module) -> float:
     zeros, total = _untouched_zeros(peft_model, adapted)
     for layer in adapted.values():
         weight = layer.get_base_layer().weight
-        merged = weight.clone()
-        for adapter in layer.active_adapters:
-            if adapter in layer.lora_A:
+        active = [adapter for adapter in layer.active_adapters if adapter in layer.lora_A]
+        if isinstance(layer, MaskedLoraLinear) and all(isinstance(layer.lora_variant.get(a), MaskedLoraVariant) for a in active):
+            merged = merged_weight(layer, active, weight)  # what merge_adapter would write, bit for bit
+        else:
+            merged = weight.clone()
+            for adapter in active:
                 merged += layer.get_delta_weight(adapter).to(weight.dtype)
         zeros += int((merged == 0).sum())
         total += merged.numel()

@@ -12,10 +12,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from prunetune.errors import UsageError
-from prunetune.export import merge_adapter, merged_zero_fraction
+from prunetune.export import merge_adapter, merged_zero_fraction, prunable_weights, tuner_layers
 from prunetune.masks import measure_sparsity
 from prunetune.modules import prunable_layers, weight_matrix
-from prunetune.recover.args import RecoveryArguments
+from prunetune.recipe.args import RecoveryArguments
 from prunetune.recover.lora import build_lora_config, resolve_targets
 from prunetune.recover.masked_linear import (
     FusedPlan,
@@ -343,3 +343,46 @@ def test_bf16_eval_is_deterministic_and_leaves_the_global_generator_alone():
     with torch.no_grad():
         layer(x)
     assert not torch.equal(torch.random.get_rng_state(), state)  # training draws, like dropout
+
+
+def small_half_precision_adapter(arch, dtype):
+    """A pruned model in ``dtype`` (biases zeroed) with a masked adapter whose update is ~1e-3 of each kept weight."""
+    model = masked(pruned_model(arch).to(dtype))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and "lora" not in name:
+                param.zero_()  # so an identity input reads the weight back exactly
+        for layer in (m for m in model.modules() if isinstance(m, MaskedLoraLinear)):
+            weight = weight_matrix(layer.base_layer).float()
+            delta = layer.get_delta_weight("default").float()
+            delta = delta.t() if layer.fan_in_fan_out else delta  # (out, in)
+            kept = weight != 0
+            layer.lora_B["default"].weight *= 1.2e-3 * weight[kept].abs().mean() / delta[kept].abs().mean()
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merged_weight_is_the_weight_the_fused_forward_evaluated(arch, dtype, one_thread):
+    """In half precision the merge rounds W + delta exactly as the evaluation's fused forward did, bit for bit."""
+    model = small_half_precision_adapter(arch, dtype)
+    evaluated = {}
+    with torch.no_grad():
+        for name, layer in tuner_layers(model).items():
+            identity = torch.eye(layer.in_features, dtype=dtype)
+            evaluated[name] = layer(identity).t()  # x @ W_eff^T with x = I: the (out, in) weight, exactly
+    merged, report = merge_adapter(model, "masked_lora")
+    assert report.pattern_kept
+    merged_layers = prunable_weights(merged)
+    for name, weight in evaluated.items():
+        assert torch.equal(weight_matrix(merged_layers[name]), weight), name
+
+
+def test_bf16_merged_model_logits_equal_the_adapter_model_logits(one_thread):
+    """What the evaluation of the adapter measured is what ``merge`` saves: the same logits, exactly."""
+    model = small_half_precision_adapter("llama", torch.bfloat16)
+    tokens = random_tokens(2, 16)
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits
+        merged, _ = merge_adapter(model, "masked_lora")
+        assert torch.equal(merged(input_ids=tokens).logits, logits)

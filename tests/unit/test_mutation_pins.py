@@ -2,7 +2,7 @@
 
 Each test here fails on one mutant that every other test let through:
 
-* masked LoRA's ``merge_unsafe`` made unmasked -- the path PEFT's own ``merge_and_unload()`` takes;
+* masked LoRA's merge made unmasked -- the path PEFT's own ``merge_and_unload()`` takes;
 * masked LoRA's ``unmerge`` with the sign flipped;
 * the Wanda variant replaced by a plain per-layer (or per-row) mask;
 * SparseGPT's handling of dead inputs (never nonzero in the calibration data) removed.

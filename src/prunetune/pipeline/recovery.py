@@ -142,7 +142,7 @@ def run_recovery(pipeline, directory: Path, pruned_dir: Path, method: str, setti
     peft_model = apply_adapter(load_model(str(pruned_dir), pipeline.load_options()), str(train_dir))
     summary["evaluation"] = pipeline.evaluate(peft_model, label)  # the adapter applied, unmerged
     merged, report = merge_adapter(peft_model, method, remask=False)
-    # The perplexity above saw W + BA (masked: W + BA * M), exactly the merged weights: their sparsity.
+    # Masked LoRA: the perplexity above saw exactly the merged weights (merge_adapter rounds as the fused forward did).
     summary["sparsity"] = summary["sparsity_after_merge"] = report.sparsity_after
     summary["base_sparsity"] = report.sparsity_before  # the frozen pruned weights under the adapter
     summary["merge_exact"] = report.exact
@@ -156,7 +156,7 @@ def run_recovery(pipeline, directory: Path, pruned_dir: Path, method: str, setti
                     {"stage": "recover", "method": method, "base_model": str(pruned_dir.absolute()),
                      "pruned_model": str(pruned_dir)}, overwrite=True)
         summary["export_dir"] = "merged"
-        summary["evaluation_merged"] = pipeline.evaluate(merged, f"{label} merged", zeroshot=False)  # same weights
+        summary["evaluation_merged"] = pipeline.evaluate(merged, f"{label} merged", zeroshot=False)  # same weights (masked)
     return summary
 
 

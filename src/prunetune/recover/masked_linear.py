@@ -29,7 +29,11 @@ In training each forward takes its rounding seed from the global CPU generator, 
 draws from its generator, so ``torch.manual_seed`` reproduces a run and activation
 checkpointing, which restores the RNG state, recomputes the same weight. In ``eval()`` the
 seed is fixed (:data:`EVAL_ROUNDING_SEED`): evaluations are deterministic and leave the global
-generator alone, and the rounding is still unbiased across the weights of a layer. Cost: forming the weight takes a
+generator alone, and the rounding is still unbiased across the weights of a layer. The merge
+(:func:`prunetune.recover.masked_lora.merged_weight`) forms the weight with the same function,
+dtype and seed, so a merged model holds exactly the weights the adapter was evaluated with
+(noise is drawn on the weight's device: merge on the device type you evaluated on; CPU and
+CUDA generators differ). Cost: forming the weight takes a
 few elementwise passes more than before, each forward and again in backward (on 2 CPU cores:
 256 ms against 85 ms for a 2048x2048 bf16 weight). That is within the noise of a CPU bf16
 layer step, which the matmuls dominate. It is not yet measured on a GPU, where elementwise

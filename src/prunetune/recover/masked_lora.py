@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from peft.utils.other import transpose
 from torch import nn
 
@@ -70,7 +71,7 @@ from prunetune.recover.masked_linear import (
     FusedPlan,
     MaskedLinearFunction,
     draw_rounding_seed,
-    effective_weight,  # noqa: F401  (benchmarks import it from here)
+    effective_weight,
     matmul_dtype,
 )
 
@@ -205,6 +206,21 @@ def masked_delta(module: MaskedLoraLinear, adapter: str, dtype: torch.dtype | No
     return delta.to(dtype or module.lora_B[adapter].weight.dtype)
 
 
+def merged_weight(module: LoraLinear, adapters: list[str], weight: torch.Tensor) -> torch.Tensor:
+    """``weight + sum_i s_i (B_i A_i) * M_i`` in ``weight``'s dtype: the weight the fused forward evaluates.
+
+    The same function, plan and rounding seed as an ``eval()`` forward in ``weight``'s dtype
+    (:data:`EVAL_ROUNDING_SEED` in bf16 / fp16), so on the same device type the merged weight is
+    bit for bit the one the adapter was evaluated with. Rounding ``W + delta`` to nearest instead
+    would lose most of an update below half a step of ``W`` (see :mod:`prunetune.recover.masked_linear`).
+    """
+    dtype = weight.dtype
+    plan = FusedPlan(scalings=tuple(float(module.scaling[a]) for a in adapters), fan_in_fan_out=bool(module.fan_in_fan_out),
+                     dtype=dtype, seed=EVAL_ROUNDING_SEED if dtype in DROPPED_MANTISSA_BITS else None)
+    factors = [t.detach() for a in adapters for t in (module.lora_A[a].weight, module.lora_B[a].weight, kept_mask(module, a))]
+    return effective_weight(weight.detach(), tuple(factors), plan)
+
+
 class MaskedLoraVariant(LoraVariant):
     """PEFT variant hooks: mask set-up, merge/unmerge of the masked delta, unfused forward."""
 
@@ -218,14 +234,15 @@ class MaskedLoraVariant(LoraVariant):
 
     @staticmethod
     def merge_safe(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return orig_weight + masked_delta(module, active_adapter, orig_weight.dtype)
+        return merged_weight(module, [active_adapter], orig_weight)
 
     @staticmethod
     def merge_unsafe(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        orig_weight.data += masked_delta(module, active_adapter, orig_weight.dtype)
+        orig_weight.data = merged_weight(module, [active_adapter], orig_weight.data)
 
     @staticmethod
     def unmerge(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        """``W' - delta``: exact in fp32; in bf16 / fp16 within a rounding step of ``W`` (the merge rounded)."""
         return orig_weight - masked_delta(module, active_adapter, orig_weight.dtype)
 
     @staticmethod
@@ -282,6 +299,18 @@ class MaskedLoraLinear(LoraLinear):
                          dtype=dtype, seed=self._rounding_seed() if dtype in DROPPED_MANTISSA_BITS else None)
         factors = [t for a in adapters for t in (self.lora_A[a].weight, self.lora_B[a].weight, kept_mask(self, a))]
         return MaskedLinearFunction.apply(x, base.weight, base.bias, plan, *factors)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """PEFT's merge, except that active masked adapters merge together and round once, as the fused forward does."""
+        names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
+        if not names or any(not isinstance(self.lora_variant.get(a), MaskedLoraVariant) or self.lora_bias[a] for a in names):
+            return super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        weight = self.get_base_layer().weight
+        merged = merged_weight(self, names, weight)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapters {names} seem to be broken")
+        weight.data = merged
+        self.merged_adapters.extend(names)
 
     def _rounding_seed(self) -> int:
         return draw_rounding_seed() if self.training else EVAL_ROUNDING_SEED
