@@ -15,12 +15,12 @@ Only :mod:`prunetune.loading` calls this module; users pass ``--model x.gguf`` o
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from prunetune.digest import file_digest, sha256_of
 from prunetune.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -167,21 +167,14 @@ def file_identity(name: str, path: str | Path, sha256_cache: dict | None = None)
     Args:
         name: what the user gave (a path, or a key of :data:`PACKAGED`).
         path: the file it resolved to.
-        sha256_cache: a dict the caller owns, shared by the calls that should hash the file once;
-            keyed by path, size and mtime, so a replaced file is hashed again; or a pipeline's
-            :class:`~prunetune.pipeline.fingerprints.FingerprintCache`. None: hash every time.
+        sha256_cache: a dict the caller owns, shared by the calls that should hash the file once,
+            or a pipeline's :class:`~prunetune.pipeline.fingerprints.FingerprintCache` (digests kept
+            between runs); either follows :func:`prunetune.digest.file_digest`'s rule, so an edited
+            or replaced file is hashed again. None: hash every time.
     """
     file = Path(path).resolve()
     stat = file.stat()
-    if hasattr(sha256_cache, "file"):  # a pipeline's FingerprintCache: digests kept between runs
-        digest = sha256_cache.file(file)
-    else:
-        key = (str(file), stat.st_size, stat.st_mtime_ns)
-        digest = sha256_cache.get(key) if sha256_cache is not None else None
-        if digest is None:
-            digest = file_sha256(file)
-            if sha256_cache is not None:
-                sha256_cache[key] = digest
+    digest = sha256_cache.file(file) if hasattr(sha256_cache, "file") else file_digest(file, sha256_cache)
     identity = {"format": "gguf", "path": str(file), "bytes": stat.st_size, "sha256": digest}
     packaged = PACKAGED.get(name)
     if packaged is not None:
@@ -194,13 +187,9 @@ def file_identity(name: str, path: str | Path, sha256_cache: dict | None = None)
     return identity
 
 
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks (a GGUF is hundreds of MB to GBs)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks (a GGUF is hundreds of MB to GBs); never remembered."""
+    return sha256_of(path)
 
 
 def _python() -> str:

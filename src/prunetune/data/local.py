@@ -23,12 +23,12 @@ Splits:
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
-import os
 from pathlib import Path
 
 from prunetune.data.documents import TEXT, Documents, key_of
+from prunetune.data.tokens import cache_folder
+from prunetune.digest import FolderMemo, file_digest
 from prunetune.errors import UsageError
 
 KINDS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -83,35 +83,10 @@ def describe_kinds() -> str:
     return "/".join(KINDS) + " (text and JSON also gzipped, e.g. .jsonl.gz)"
 
 
-def file_digest(path: Path, memo_folder: Path | None = None) -> str:
-    """sha256 (hex) of the file's bytes.
-
-    With ``memo_folder`` it is remembered there under the file's path, size, modification
-    time (ns) and inode, so a second call reads no data: hashing a C4 shard costs a second,
-    and the second call of ``training_blocks`` should cost less than ten in all.
-    """
-    stat = path.stat()
-    memo = None
-    if memo_folder is not None:
-        memo = memo_folder / f"{key_of(path.resolve(), stat.st_size, stat.st_mtime_ns, stat.st_ino)[:40]}.sha256"
-        if memo.is_file():
-            return memo.read_text().strip()
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    if memo is not None:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        partial = memo.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(digest.hexdigest())
-        os.replace(partial, memo)  # readers see the whole digest or none
-    return digest.hexdigest()
-
-
-def digest_memo(cache_dir: str | None) -> Path:
-    from prunetune.data.tokens import cache_folder
-
-    return cache_folder(cache_dir) / "file-digests"
+def digest_memo(cache_dir: str | None) -> FolderMemo:
+    """Where local files' digests are remembered (see :func:`prunetune.digest.file_digest`): hashing a
+    C4 shard costs a second, and the second call of ``training_blocks`` should cost less than ten in all."""
+    return FolderMemo(cache_folder(cache_dir) / "file-digests")
 
 
 def load_local(source: str, split: str, cache_dir: str | None, validation_percent: float,

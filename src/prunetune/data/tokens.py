@@ -35,8 +35,10 @@ logger = logging.getLogger(__name__)
 CACHE_FOLDER = "prunetune-tokens"
 CHUNK_DOCUMENTS = 10_000  # documents per cache file: training stops tokenizing once enough blocks exist
 KEY_LENGTH = 40  # hex digits of a key in file names (datasets allows 64)
+# Settings that decide a document's ids: BOS/EOS handling (the EOS id appended to every training
+# document among them), and whether special tokens written in the text stay one id (split_special_tokens).
 _SETTINGS = ("add_bos_token", "add_eos_token", "add_prefix_space", "do_lower_case", "legacy", "bos_token_id",
-             "eos_token_id", "unk_token_id", "pad_token_id")
+             "eos_token_id", "unk_token_id", "pad_token_id", "split_special_tokens", "all_special_ids")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

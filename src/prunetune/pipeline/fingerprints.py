@@ -11,9 +11,9 @@ import hashlib
 import json
 import logging
 import platform
-import time
 from pathlib import Path
 
+from prunetune.digest import file_digest, file_stamp
 from prunetune.outputs import write_json
 
 logger = logging.getLogger(__name__)
@@ -22,22 +22,19 @@ logger = logging.getLogger(__name__)
 # Files in a model folder that loading never reads: other weight formats (loading reads
 # safetensors, or a GGUF file) and documentation. Python files count only with trust_remote_code.
 _UNREAD_MODEL_SUFFIXES = (".md", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
-_RACY_NS = 2 * 10**9  # files modified this recently are hashed but not cached (see FingerprintCache)
+CACHE_FORMAT = 2  # 2: keyed by prunetune.digest.FileStamp (ctime and device included)
 
 
 class FingerprintCache:
-    """sha256 of local files, remembered by (absolute path, size, mtime_ns, inode).
+    """sha256 of local files, kept between runs under the rule of :func:`prunetune.digest.file_digest`.
 
     Stage keys hash the *contents* of the files a stage reads; re-reading 13 GB of weights on
-    every run would cost minutes, so a file whose size, mtime_ns and inode are unchanged since
-    it was last hashed keeps its digest. Any ordinary edit or replacement changes the mtime (set
-    by the kernel on every write), the size or the inode, and the file is hashed again. An edit
-    that keeps both size and mtime_ns (an in-place rewrite of the same length whose mtime is then
-    set back on purpose, e.g. with ``touch -d`` or ``os.utime``) is not seen: the trade-off
-    make, rsync and git's index make, accepted because it takes deliberate effort; delete
-    ``fingerprints.json`` in the output folder to force every file to be hashed again. A file
-    modified within the last 2 s is not cached at all, since a second write inside the same
-    timestamp tick would leave its mtime unchanged (git's "racily clean" case).
+    every run would cost minutes, so a file whose resolved path, size, mtime_ns, ctime_ns, inode
+    and device are unchanged since it was last hashed keeps its digest. Every write, rename or
+    ``utime`` changes the ctime (which no user call can set back), so an in-place edit of the same
+    length whose mtime is restored on purpose is seen too. A file modified within the last 2 s is
+    not kept (a second write inside the same timestamp tick would leave its stat unchanged).
+    Delete ``fingerprints.json`` in the output folder to force every file to be hashed again.
 
     Args:
         path: the JSON file holding the digests; None: keep them in memory only.
@@ -45,32 +42,33 @@ class FingerprintCache:
 
     def __init__(self, path: Path | None = None):
         self.path = path
-        self.entries: dict[str, dict] = {}  # from the last run, by absolute path
-        self.used: dict[str, dict] = {}  # looked up this run
+        self.entries: dict[str, str] = {}  # from the last run: FileStamp.key() -> sha256
+        self.used: dict[str, str] = {}  # looked up or hashed this run (and not racy)
         self.hashed: list[str] = []  # files read this run (the others came from the cache)
         if path is not None and path.exists():
             try:
-                self.entries = json.loads(path.read_text(encoding="utf-8")).get("files", {})
+                saved = json.loads(path.read_text(encoding="utf-8"))
+                if saved.get("format") == CACHE_FORMAT:  # older formats: every file is hashed once again
+                    self.entries = {str(k): str(v) for k, v in saved.get("files", {}).items()}
             except (OSError, ValueError, AttributeError):
                 logger.warning("fingerprint cache %s is unreadable; hashing every file again", path)
+
+    # the DigestMemo protocol, for file_digest
+    def get(self, key: str) -> str | None:
+        digest = self.used.get(key) or self.entries.get(key)
+        if digest is not None:
+            self.used[key] = digest
+        return digest
+
+    def __setitem__(self, key: str, digest: str) -> None:
+        self.used[key] = digest
 
     def file(self, path: Path) -> str:
         """The sha256 of one file's bytes."""
         path = Path(path).expanduser().resolve()
-        stat = path.stat()  # taken before reading: a write during the read shows up next run
-        identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
-        for known in (self.used.get(str(path)), self.entries.get(str(path))):
-            if known is not None and all(known.get(k) == v for k, v in identity.items()):
-                self.used[str(path)] = known
-                return known["sha256"]
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(chunk)
-        self.hashed.append(str(path))
-        racy = time.time_ns() - stat.st_mtime_ns < _RACY_NS
-        self.used[str(path)] = {**identity, "sha256": digest.hexdigest(), "racy": racy}
-        return digest.hexdigest()
+        if self.get(file_stamp(path).key()) is None:
+            self.hashed.append(str(path))
+        return file_digest(path, self)
 
     def files(self, root: Path, files: list[Path]) -> str:
         """One digest over ``files`` (each named by its path relative to ``root``), order-free."""
@@ -82,9 +80,7 @@ class FingerprintCache:
     def save(self) -> None:
         """Write the digests used this run (files no longer read drop out)."""
         if self.path is not None:
-            kept = {path: {k: v for k, v in entry.items() if k != "racy"} for path, entry in self.used.items()
-                    if not entry.get("racy")}
-            write_json(self.path, {"format": 1, "files": kept})
+            write_json(self.path, {"format": CACHE_FORMAT, "files": self.used})
 
 
 def data_identity(source: str, cache: FingerprintCache) -> str | dict:
