@@ -3,10 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import re
+import sys
 
 from prunetune.defaults import PAPER_DATA, default_data  # noqa: F401  (default_data: every command's data defaults)
+from prunetune.errors import UsageError
 from prunetune.loading import DTYPES, LoadOptions, check_device
+
+_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+(\.\d*)?e[-+]?\d+$", re.IGNORECASE)  # a negative value, not a flag
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of every prunetune command: whole flag names only, and one short paragraph on a mistake.
+
+    argparse's prefix matching (``--learning_rat`` read as ``--learning_rate``) is off, an unknown
+    flag is named with the closest accepted ones, and any other parse error is a :class:`UsageError`
+    (exit 2, no usage dump) instead of argparse's usage block.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        # Unknown flags first: otherwise a misspelt --model reads as a missing one.
+        for token in args:
+            if token == "--":
+                break
+            flag = token.split("=", 1)[0]
+            if token.startswith("-") and len(token) > 1 and not _NUMBER.match(token) and flag not in self._option_string_actions:
+                raise UsageError(unknown_flag(self.prog, flag, list(self._option_string_actions)))
+        return super().parse_args(args, namespace)
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}. {self.prog} --help lists the options.")
+
+
+def unknown_flag(prog: str, flag: str, options: list[str]) -> str:
+    """The message for a flag ``prog`` does not take, naming the closest ones it does."""
+    close = difflib.get_close_matches(flag, options, n=3)
+    hint = ""
+    if close:
+        hint = f"did you mean {close[0] if len(close) == 1 else ', '.join(close[:-1]) + ' or ' + close[-1]}? "
+    return f"Unknown option {flag!r} for {prog}; {hint}{prog} --help lists the accepted options."
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dtype_default: str = "auto") -> None:

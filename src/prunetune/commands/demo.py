@@ -10,14 +10,15 @@ reuses every finished stage). About 2 minutes on 2 idle CPU cores.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from prunetune.commands.common import CommandParser
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="prunetune demo", description=__doc__)
+    parser = CommandParser(prog="prunetune demo", description=__doc__)
     from prunetune.commands.run import add_run_arguments, execute, overrides
 
     add_run_arguments(parser)

@@ -12,6 +12,7 @@ import logging
 
 from prunetune.commands.common import (
     DEFAULT_DATA_HELP,
+    CommandParser,
     add_model_arguments,
     default_data,
     load_options,
@@ -27,7 +28,7 @@ SEVEN = "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunetune eval", description=__doc__)
+    parser = CommandParser(prog="prunetune eval", description=__doc__)
     add_model_arguments(parser)
     parser.add_argument("--dataset", default=None, help=f"evaluation data: {describe_sources()} ({DEFAULT_DATA_HELP['evaluation']}; "
                                                         "with --tasks: no perplexity unless given)")

@@ -11,14 +11,21 @@ from __future__ import annotations
 import argparse
 import logging
 
-from prunetune.commands.common import DEFAULT_DATA_HELP, add_model_arguments, default_data, load_options, print_json
+from prunetune.commands.common import (
+    DEFAULT_DATA_HELP,
+    CommandParser,
+    add_model_arguments,
+    default_data,
+    load_options,
+    print_json,
+)
 from prunetune.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunetune merge", description=__doc__)
+    parser = CommandParser(prog="prunetune merge", description=__doc__)
     add_model_arguments(parser)
     parser.add_argument("--adapter", "--lora_weights", dest="adapter", required=True, help="the adapter folder written by `prunetune recover`")
     parser.add_argument("--save_model", required=True, help="folder for the merged model")

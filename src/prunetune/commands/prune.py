@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from prunetune.commands.common import DEFAULT_DATA_HELP, add_model_arguments, default_data, load_options
+from prunetune.commands.common import DEFAULT_DATA_HELP, CommandParser, add_model_arguments, default_data, load_options
 from prunetune.data import describe_sources
 from prunetune.errors import require
 
@@ -34,7 +34,7 @@ EVAL_SPLIT = "test"  # perplexity before/after pruning: the test split, as Wanda
 def build_parser() -> argparse.ArgumentParser:
     from prunetune.pruning import PRUNERS
 
-    parser = argparse.ArgumentParser(prog="prunetune prune", description=__doc__,
+    parser = CommandParser(prog="prunetune prune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     group = parser.add_argument_group("pruning")

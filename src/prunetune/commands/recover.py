@@ -63,7 +63,8 @@ def build_parser():
 
     from prunetune.recover.args import ARGUMENT_CLASSES
 
-    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="prunetune recover", usage=USAGE, description=DESCRIPTION)
+    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="prunetune recover", usage=USAGE, description=DESCRIPTION,
+                              allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
     parser.error = _argument_error  # one paragraph instead of argparse's 150-line usage dump
     parser.format_help = lambda: format_help(parser, full=False)
     parser.add_argument("--help-all", "--help_all", action=_HelpAll, help="Every option, the Trainer's included.")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from prunetune.commands.common import CommandParser
+
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", default=None, help="override the config's output_dir")
@@ -44,7 +46,7 @@ def execute(config, quiet: bool = False) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="prunetune run", description=__doc__)
+    parser = CommandParser(prog="prunetune run", description=__doc__)
     parser.add_argument("config", help="a YAML or JSON pipeline config (see src/prunetune/configs/)")
     add_run_arguments(parser)
     args = parser.parse_args(argv)

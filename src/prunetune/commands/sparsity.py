@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
+from prunetune.commands.common import CommandParser
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="prunetune sparsity", description=__doc__)
+    parser = CommandParser(prog="prunetune sparsity", description=__doc__)
     parser.add_argument("model", help="hub id, local model folder, or 'tiny'")
     parser.add_argument("--json", dest="json_path", default=None, help="write the report as JSON to this file ('-' prints it)")
     parser.add_argument("--trust_remote_code", action="store_true")
