@@ -1,0 +1,94 @@
+"""The per-window loop of block-wise reconstruction: pure functions on blocks and activations.
+
+A *window* is ``k`` consecutive decoder blocks trained together (``k = 1``: one block). Its
+student blocks learn to map their input batches to the teacher's output batches under the
+normalised block-output error of Shin et al. (EMNLP 2024, https://arxiv.org/abs/2406.15524)::
+
+    loss(batch) = ||y_student - y_teacher||^2 / ||y_teacher||^2      (sums over the batch)
+
+Nothing here knows where the inputs come from (the sparse stream, the teacher's, a blend):
+:mod:`prunetune.recover.blockwise` decides that. Masks are kept by
+:class:`prunetune.recover.full.MaskEnforcer` (gradient hooks zero pruned gradient entries; the
+weights are re-zeroed after every step), the same mechanism as ``--recovery_method full``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from prunetune.calibrate.blocks import ExtrasCache, run_block
+from prunetune.recover.full import MaskEnforcer
+
+
+def window_forward(modules: Sequence[nn.Module], hidden: torch.Tensor, extras: tuple[tuple, dict],
+                   device: torch.device) -> torch.Tensor:
+    """The window's output for one batch (B, T, hidden), on ``device``."""
+    for module in modules:
+        hidden = run_block(module, hidden, extras, device)
+    return hidden
+
+
+@torch.no_grad()
+def window_outputs(modules: Sequence[nn.Module], hidden: Sequence[torch.Tensor], extras: Sequence[tuple[tuple, dict]],
+                   cache: ExtrasCache) -> list[torch.Tensor]:
+    """The window's output for every batch, each stored where its input batch lives."""
+    return [window_forward(modules, h, cache(e), cache.device).to(h.device) for h, e in zip(hidden, extras)]
+
+
+def squared_errors(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||output - target||^2, ||target||^2) over the whole batch, in float32."""
+    target = target.to(output.device, torch.float32)
+    return (output.float() - target).pow(2).sum(), target.pow(2).sum()
+
+
+@torch.no_grad()
+def reconstruction_error(modules: Sequence[nn.Module], inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                         extras: Sequence[tuple[tuple, dict]], cache: ExtrasCache) -> float | None:
+    """Sum of squared errors over all batches / sum of squared target norms; None without batches."""
+    if not inputs:
+        return None
+    error = norm = 0.0
+    for hidden, target, extra in zip(inputs, targets, extras):
+        e, n = squared_errors(window_forward(modules, hidden, cache(extra), cache.device), target)
+        error, norm = error + float(e), norm + float(n)
+    return error / norm if norm else 0.0
+
+
+def train_window(modules: Sequence[nn.Module], enforcer: MaskEnforcer, inputs: Sequence[torch.Tensor],
+                 targets: Sequence[torch.Tensor], extras: Sequence[tuple[tuple, dict]], cache: ExtrasCache, *,
+                 epochs: int, learning_rate: float, generator: torch.Generator) -> list[float]:
+    """Adam on every parameter of the window, one step per batch; returns each epoch's mean loss.
+
+    The blocks stay in eval mode (no dropout): the target is a deterministic function of the
+    input, and a rerun with the same seed gives the same weights. The optimizer (and so its
+    state) lives only for this call: one window's Adam state in flight.
+    """
+    params = [p for module in modules for p in module.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    enforcer.attach()
+    losses = []
+    try:
+        for _ in range(epochs):
+            total = torch.zeros((), device=cache.device)
+            for index in torch.randperm(len(inputs), generator=generator).tolist():
+                error, norm = squared_errors(window_forward(modules, inputs[index], cache(extras[index]), cache.device),
+                                             targets[index])
+                loss = error / norm.clamp_min(torch.finfo(torch.float32).tiny)
+                loss.backward()  # the enforcer's hooks zero the pruned gradient entries here
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                enforcer.remask()  # Adam keeps zeros exactly; this makes "zero after every step" unconditional
+                total += loss.detach()  # summed on the device: no host sync per step
+            losses.append(float(total) / max(len(inputs), 1))
+    finally:
+        enforcer.detach()
+        del optimizer
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return losses
