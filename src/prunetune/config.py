@@ -18,12 +18,17 @@ from prunetune.errors import UsageError
 T = TypeVar("T")
 
 
+MAX_EXPANDED_VALUES = 100_000  # a config holds hundreds of values; YAML aliases can make billions of a few lines
+
+
 def load_mapping(path: str | Path) -> dict:
     """Read a YAML or JSON file into a dict.
 
     Raises:
-        UsageError: a missing file, malformed YAML/JSON, a top level that is not a mapping,
-            or a value that contains itself (a YAML anchor used inside its own value).
+        UsageError: a missing file, malformed YAML/JSON, a key given twice in one mapping, a top
+            level that is not a mapping, aliases that expand to more than
+            :data:`MAX_EXPANDED_VALUES` values (a "billion laughs" file), or a value that contains
+            itself (a YAML anchor used inside its own value).
     """
     import json
 
@@ -36,7 +41,7 @@ def load_mapping(path: str | Path) -> dict:
         raise UsageError(f"Config file {path} does not exist; give a YAML or JSON file.")
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys) if path.suffix == ".json" else _load_yaml(text, path)
     except (yaml.YAMLError, ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
         raise UsageError(f"Config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from err
     except RecursionError as err:
@@ -46,6 +51,72 @@ def load_mapping(path: str | Path) -> dict:
                          f"{type(data).__name__} ({str(data)[:60]!r}).")
     check_acyclic(data, str(path))
     return data
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object's pairs as a dict; a key given twice is refused (json keeps the last silently)."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} is given twice in one object; give each key once")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _load_yaml(text: str, path: Path):
+    """``yaml.safe_load`` that refuses a key given twice and aliases that expand too far, before building anything."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.setdefault(key, key_node.start_mark.line + 1)
+                    except TypeError:  # an unhashable key: SafeLoader reports it
+                        continue
+                    if first != key_node.start_mark.line + 1:
+                        raise UsageError(f"Config file {path}: the key {key!r} is given twice in one mapping, at lines "
+                                         f"{first} and {key_node.start_mark.line + 1}; YAML would keep the second "
+                                         "silently. Give each key once.")
+            return super().construct_mapping(node, deep)
+
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        values = _expanded_values(node, {}, set())
+        if values > MAX_EXPANDED_VALUES:
+            raise UsageError(f"Config file {path}: its YAML aliases (*name) expand to more than "
+                             f"{MAX_EXPANDED_VALUES:,} values (a config holds hundreds); refusing to read it. "
+                             "Write the values out, or use fewer nested aliases.")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_values(node, sizes: dict, on_path: set) -> int:
+    """How many values ``node`` holds once every alias in it is copied out (an alias is the node it names)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in on_path:  # a value that contains itself: check_acyclic names it
+        return 1
+    on_path.add(id(node))
+    children = node.value if isinstance(node.value, list) else []
+    total = 1
+    for child in children:
+        for part in (child if isinstance(child, tuple) else (child,)):  # mappings hold (key, value) pairs
+            total += _expanded_values(part, sizes, on_path)
+            if total > MAX_EXPANDED_VALUES:
+                break
+    on_path.discard(id(node))
+    sizes[id(node)] = total
+    return total
 
 
 def check_acyclic(data, where: str = "config") -> None:

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 import prunetune
+from prunetune.config import load_mapping
+from prunetune.errors import UsageError
 from prunetune.pipeline import load_config
 
 CONFIGS = sorted((Path(prunetune.__file__).parent / "configs").glob("*.yaml"))
@@ -93,3 +95,42 @@ def test_readme_setup_gives_the_cpu_build_anywhere_and_keeps_the_ci_command():
     ci_command = ci.read_text().strip().splitlines()[-1].replace(" -q -e", " -e").replace("install -q ", "install ")
     assert ci_command in setup  # CI runs the README's test command
     assert "pip install torch==2.13.0 && pip install -e . && prunetune demo" in setup
+
+
+# --------------------------------------------------------------------------- reading the file
+
+
+def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: tiny\noutput_dir: run\nprune:\n  - method: magnitude\nprune:\n  - method: wanda\n")
+    with pytest.raises(UsageError, match=r"'prune' is given twice in one mapping, at lines 3 and 5"):
+        load_config(str(path))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("model: tiny\noutput_dir: run\nprune:\n  - method: wanda\n    method: magnitude\n")
+    with pytest.raises(UsageError, match=r"'method' is given twice in one mapping, at lines 4 and 5"):
+        load_config(str(nested))
+
+
+def test_a_key_given_twice_in_a_json_file_is_refused(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"model": "tiny", "output_dir": "run", "dtype": "auto", "dtype": "float32"}')
+    with pytest.raises(UsageError, match=r"the key 'dtype' is given twice"):
+        load_config(str(path))
+
+
+def test_merge_keys_may_be_overridden(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("base: &base {method: wanda, sparsity_ratio: 0.5}\n")
+    assert load_mapping(path)["base"] == {"method": "wanda", "sparsity_ratio": 0.5}
+    path.write_text("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  y: 3\n")
+    assert load_mapping(path)["b"] == {"x": 1, "y": 3}
+
+
+def test_aliases_that_expand_to_billions_of_values_are_refused(tmp_path):
+    """A "billion laughs" file is a few lines; reading it must not take the machine's memory or hours."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]  # 9**10 values in l9
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(["model: tiny", "output_dir: run", *lines, "prune: [*l9]", ""]))
+    with pytest.raises(UsageError, match=r"aliases \(\*name\) expand to more than 100,000 values"):
+        load_config(str(path))
