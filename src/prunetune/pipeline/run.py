@@ -151,11 +151,25 @@ class Pipeline:
                 "trust_remote_code": self.config.trust_remote_code, "evaluation": evaluation,
                 "evaluation_data": self.identity("data", self.config.evaluation.dataset)}
 
+    def recovery_file_inputs(self, settings: dict) -> dict:
+        """A recovery's other files, by content: its validation text and its teacher (``dense`` is the
+        pipeline's own model, already in every key). Absent while unset, so older stages stay valid."""
+        inputs = {}
+        if settings["validation_file"] is not None:
+            inputs["validation_data"] = self.identity("data", settings["validation_file"])
+        if settings["distill_from"] not in (None, "dense"):
+            inputs["teacher"] = self.identity("model", settings["distill_from"])
+        return inputs
+
     def fingerprint_inputs(self) -> None:
         """Hash every local file the stages read, once, and keep the digests for the next run."""
         self.identity("model", self.config.model)
         sources = [self.config.evaluation.dataset, self.config.calibration.dataset]
-        sources += [spec.for_method(method)["dataset"] for spec in self.config.recover for method in spec.methods]
+        for spec in self.config.recover:
+            for method in spec.methods:
+                settings = spec.for_method(method)
+                sources.append(settings["dataset"])
+                self.recovery_file_inputs(settings)
         for source in dict.fromkeys(sources):
             self.identity("data", source)
         self.fingerprints.save()
@@ -252,7 +266,7 @@ class Pipeline:
             self._dtype_logged = True
         inputs = {**self.base_inputs(), "pruned": pruned.key, "method": method, "recovery": hashed_settings(settings),
                   "recovery_dtype": dtype, "recovery_data": self.identity("data", settings["dataset"]),
-                  "seed": self.config.seed}
+                  "seed": self.config.seed, **self.recovery_file_inputs(settings)}
 
         def work(directory: Path) -> dict:
             return run_recovery(self, directory, pruned.directory / pruned.result["model_dir"], method, settings)
@@ -260,7 +274,7 @@ class Pipeline:
         return self.stages.run(f"recover {spec.label(method)}", inputs, work)
 
     def recovery_arguments(self, train_dir: Path, pruned_dir: Path, method: str, settings: dict) -> tuple:
-        """The four argument objects of :func:`prunetune.recover.recipe.recover` for one stage."""
+        """The four argument objects of :func:`prunetune.recipe.recover` for one stage."""
         return recovery_arguments(self, train_dir, pruned_dir, method, settings)
 
     def error_stage(self, configurations: dict[str, tuple[str, Callable]]) -> StageResult | None:
