@@ -5,7 +5,11 @@ Each test here fails on one mutant that every other test let through:
 * masked LoRA's merge made unmasked -- the path PEFT's own ``merge_and_unload()`` takes;
 * masked LoRA's ``unmerge`` with the sign flipped;
 * the Wanda variant replaced by a plain per-layer (or per-row) mask;
-* SparseGPT's handling of dead inputs (never nonzero in the calibration data) removed.
+* SparseGPT's handling of dead inputs (never nonzero in the calibration data) removed;
+* masked LoRA's fused backward recomputing the weight without the forward's rounding seed;
+* the fused path taken while LoRA dropout is active in training (dropout silently dropped);
+* ``--num_fewshot`` overriding a task whose config fixes it at 0 shots;
+* lm-eval run without seeding torch (python, numpy and torch get simple_evaluate's seeds).
 
 (Removing ``check_base`` from :func:`prunetune.recover.adapter.apply_adapter` is already caught by
 ``test_mask_identity.py``: an adapter applied to a base pruned at other positions is refused there.)
@@ -22,7 +26,8 @@ from prunetune.modules import prunable_layers, weight_matrix
 from prunetune.pruning import selection
 from prunetune.pruning.base import SquaredNorms
 from prunetune.pruning.wanda import WandaPruner
-from prunetune.recover.masked_lora import MaskedLoraConfig
+from prunetune.recover.masked_lora import MaskedLoraConfig, MaskedLoraLinear
+from prunetune.zeroshot import NEXT_LINE_TASK, ZeroShotSettings, evaluate_zeroshot, write_next_line_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,3 +153,101 @@ def test_sparsegpt_dead_inputs_are_handled_as_the_reference(structure):
     assert not pruned_weight[:, dead].any()  # zeroed, as the reference's W[:, dead] = 0
     assert torch.equal(~kept, expected_pruned)
     torch.testing.assert_close(pruned_weight, expected_weight, rtol=1e-5, atol=1e-5)
+
+
+# -- masked LoRA's fused path: the backward's rounding seed, dropout ---------------------------------
+
+def first_masked_layer(arch="llama", dtype=torch.float32, dropout=0.0):
+    peft_model, _ = masked_adapter(arch)
+    for config in peft_model.peft_config.values():
+        config.lora_dropout = dropout
+    layer = next(m for m in peft_model.modules() if isinstance(m, MaskedLoraLinear))
+    if dropout:
+        layer.lora_dropout["default"] = torch.nn.Dropout(dropout)
+    return layer.to(dtype)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_backward_uses_the_weight_the_forward_rounded(dtype, training):
+    """dL/dx = dy @ W_eff with W_eff the forward's stochastically rounded weight (same seed), bit for bit."""
+    layer = first_masked_layer(dtype=dtype).train(training)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(3)
+        evaluated = layer(torch.eye(layer.in_features, dtype=dtype))  # (in, out) = W_eff^T, exactly (no bias)
+    x = torch.randn(6, layer.in_features, dtype=dtype, requires_grad=True)
+    grad_output = torch.randn(6, layer.out_features, dtype=dtype)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)  # training: the forward draws the same seed as above
+        layer(x).backward(grad_output)
+    assert torch.equal(x.grad, grad_output @ evaluated.t())
+
+
+def test_fused_path_is_not_used_while_lora_dropout_is_active():
+    """With dropout > 0 in training the adapter sees dropout(x): base(x) + dropout(x) @ delta^T, not the fused sum."""
+    layer = first_masked_layer(dropout=0.5).train()
+    x = torch.randn(4, 5, layer.in_features)
+    delta = layer.get_delta_weight("default")  # (out, in) for a Linear
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        got = layer(x)
+        torch.manual_seed(0)  # the same dropout mask: PEFT draws it first
+        expected = layer.base_layer(x) + torch.nn.functional.dropout(x, 0.5, training=True) @ delta.t()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    layer.eval()  # dropout off: the fused path, the undropped sum
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ delta.t(), rtol=1e-5, atol=1e-5)
+
+
+# -- zero-shot: the few-shot rule and the seeds lm-eval runs under ------------------------------------
+
+@pytest.fixture(scope="module")
+def next_line_tasks(tmp_path_factory):
+    """The builtin next-line task as written, and a copy whose YAML fixes it at 0 shots."""
+    pytest.importorskip("lm_eval")
+    free, fixed = tmp_path_factory.mktemp("free"), tmp_path_factory.mktemp("fixed")
+    write_next_line_task(free, examples=8, fewshot_examples=4)
+    path = write_next_line_task(fixed, examples=8, fewshot_examples=4)
+    path.write_text(path.read_text(encoding="utf-8") + "num_fewshot: 0\n", encoding="utf-8")
+    return free, fixed
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from prunetune.loading import load_model, load_tokenizer
+
+    return load_model("tiny"), load_tokenizer("tiny")
+
+
+def test_num_fewshot_leaves_a_task_fixed_at_zero_shots(next_line_tasks, tiny_model):
+    """lm-eval's simple_evaluate rule: --num_fewshot applies to every task except one whose config says 0."""
+    shots = {}
+    for folder in next_line_tasks:
+        settings = ZeroShotSettings(tasks=[NEXT_LINE_TASK], num_fewshot=2, limit=4, include_path=str(folder))
+        shots[folder.name] = evaluate_zeroshot(*tiny_model, settings).tasks[NEXT_LINE_TASK].n_shot
+    free, fixed = (folder.name for folder in next_line_tasks)
+    assert shots == {free: 2, fixed: 0}
+
+
+def test_lm_eval_runs_under_simple_evaluates_seeds(next_line_tasks, tiny_model, monkeypatch):
+    """python 0, numpy 1234, torch 1234 while lm-eval runs, whatever the caller's generators were."""
+    import random
+
+    import lm_eval.evaluator
+    import numpy as np
+
+    run_evaluation, seen = lm_eval.evaluator.evaluate, {}
+
+    def spy(**kwargs):
+        seen.update(python=random.getstate(), numpy=np.random.get_state()[1].copy(), torch=torch.random.get_rng_state())
+        return run_evaluation(**kwargs)
+
+    monkeypatch.setattr(lm_eval.evaluator, "evaluate", spy)
+    with torch.random.fork_rng():
+        random.seed(7), np.random.seed(7), torch.manual_seed(7)
+        evaluate_zeroshot(*tiny_model, ZeroShotSettings(tasks=[NEXT_LINE_TASK], limit=4,
+                                                        include_path=str(next_line_tasks[0])))
+        random.seed(0), np.random.seed(1234), torch.manual_seed(1234)
+        assert seen["python"] == random.getstate()
+        assert np.array_equal(seen["numpy"], np.random.get_state()[1])
+        assert torch.equal(seen["torch"], torch.random.get_rng_state())
