@@ -80,12 +80,16 @@ def looks_like_path(name: str) -> bool:
     return "/" in name and os.path.isdir(head)
 
 
-def offline_error(what: str, name: str, flag: str, reason: str | None = None) -> UsageError:
-    """The one message for a hub name that cannot be had offline."""
+def offline_error(what: str, name: str, flag: str, reason: str | None = None, local_copy: str = "") -> UsageError:
+    """The one message for a hub name that cannot be had offline.
+
+    Args:
+        local_copy: a sentence on reading the same data from local files, appended.
+    """
     reason = reason or offline_reason() or "the Hub is unreachable"
     local = "a .txt/.jsonl/.json/.parquet file or folder, or builtin" if what == "dataset" else "a local model folder, or tiny"
     return UsageError(
         f"{flag} {name}: this {what} comes from the Hugging Face Hub, which cannot be used here ({reason}), and it is "
         f"not in the local cache. Give {local} instead, fill the cache on a machine with network (HF_HOME), or, with a "
-        "filled cache, set HF_HUB_OFFLINE=1 to skip the network check."
+        "filled cache, set HF_HUB_OFFLINE=1 to skip the network check." + (f" {local_copy}" if local_copy else "")
     )

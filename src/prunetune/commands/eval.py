@@ -1,6 +1,11 @@
 """``prunetune eval``: perplexity by the papers' protocol and/or zero-shot accuracy, optionally with a LoRA adapter.
 
 Accepts the seed's evaluate_ppl.py flags (``--model``, ``--lora_weights``, ``--ctx_length``).
+A local file named for evaluation (test.txt, ptb.valid.txt) is scored whole; any other file
+without split files is scored on its held-out first 5% (the part a recovery run did not train
+on), and the result line says which text was scored. For the papers' PTB numbers from a local
+copy of the PTB test file, give --dataset ptb:PATH/ptb.test.txt (the ptb protocol: each line
+stripped, joined with " "); the same file as a plain path is scored as text, with other numbers.
 ``--tasks`` scores lm-eval tasks on the model as loaded here (a masked LoRA adapter applied
 masked); with ``--tasks`` alone only they run, with ``--dataset`` too both do.
 """
@@ -28,11 +33,14 @@ SEVEN = "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog="prunetune eval", description=__doc__)
+    parser = CommandParser(prog="prunetune eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--dataset", default=None, help=f"evaluation data: {describe_sources()} ({DEFAULT_DATA_HELP['evaluation']}; "
                                                         "with --tasks: no perplexity unless given)")
-    parser.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split of builtin/local/wikitext2/ptb data (C4 always uses its validation shard)")
+    parser.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                        help="split of builtin/wikitext2/ptb data, or of a local folder with split files; a local file "
+                             "named for evaluation is scored whole, any other local file on its held-out first 5%% "
+                             "(C4 always uses its validation shard)")
     parser.add_argument("--seqlen", "--ctx_length", dest="seqlen", type=int, default=None, help="window length (default: the model's context, capped at 2048)")
     parser.add_argument("--batch_size", type=int, default=8, help="windows per forward pass (perplexity); requests per forward pass (--tasks)")
     parser.add_argument("--max_windows", type=int, default=None, help="score only the first N windows")
@@ -119,6 +127,7 @@ def main(argv: list[str]) -> int:
 
         model = apply_adapter(model, args.lora_weights)
     payload = {"model": args.model, "lora_weights": args.lora_weights}
+    evaluated = args.model + (f" + adapter {args.lora_weights}" if args.lora_weights else "")
     if dataset is not None:
         from prunetune.evaluate import autocast_for, evaluate_dataset
 
@@ -126,14 +135,14 @@ def main(argv: list[str]) -> int:
                                   max_windows=args.max_windows, progress=True, autocast_dtype=autocast_for(model),
                                   cache_dir=args.cache_dir)
         payload.update(result.to_dict())
-        print(f"{args.model} on {dataset} ({result.windows} x {seqlen} tokens): perplexity {result.perplexity:.4f}")
+        print(f"{evaluated} on {dataset} ({result.text}; {result.windows} x {seqlen} tokens): "
+              f"perplexity {result.perplexity:.4f}")
     if zeroshot is not None:
         from prunetune.zeroshot import evaluate_zeroshot, format_table
 
         scores = evaluate_zeroshot(model, tokenizer, zeroshot, catalog=catalog, tasks=tasks).to_dict()
         payload["zeroshot"] = scores
-        adapter = f" + {args.lora_weights}" if args.lora_weights else ""
-        print(f"{args.model}{adapter}: {format_table(scores)}")
+        print(f"{evaluated}: {format_table(scores)}")
     if not args.json_path:
         print_json(payload)
         return 0

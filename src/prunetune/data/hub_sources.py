@@ -7,15 +7,16 @@ holds the text, how documents are joined, and which parts of the papers' protoco
   longer than ``seqlen``; evaluation on validation shard 0, first 1100 documents, joined
   with ``" "`` and cut to 256 x ``seqlen`` tokens;
 * ``wikitext2`` (raw): test joined with ``"\\n\\n"``, train with ``" "``;
-* ``ptb``: sentences joined with ``" "``.
+* ``ptb``: sentences joined with ``" "``; ``ptb:FILE`` applies it to a local copy of a PTB text
+  file (``ptb.test.txt``: one sentence a line), each line stripped as the Hub's ``ptb_text_only``
+  loader does, so a local file gives the papers' numbers (scored as plain text it would not).
 
 The files load through ``datasets.load_dataset(<repo>, data_files=...)``. With ``root`` (a
 local folder in the repository's own layout, e.g. ``root/en/c4-train.00000-of-01024.json.gz``)
 the same files load from disk through the matching builder and the same protocol applies:
 tests use it, and so can a machine with a local copy of the files.
 
-Offline (``HF_HUB_OFFLINE=1``, or the Hub unreachable as :mod:`prunetune.hub` decides once
-per process), ``load_dataset`` runs in datasets' offline mode, so it reads its cache without
+Offline (``HF_HUB_OFFLINE=1``, or the Hub unreachable as :mod:`prunetune.hub` decides), ``load_dataset`` runs in datasets' offline mode, so it reads its cache without
 retrying the network, and a dataset the cache lacks is one message naming the user's flag.
 """
 
@@ -25,7 +26,7 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prunetune.data.documents import TEXT, Documents, key_of
+from prunetune.data.documents import TEXT, Documents, key_of, texts_digest
 from prunetune.errors import UsageError
 
 
@@ -71,6 +72,38 @@ HUB_TABLE = {
     ),
 }
 HUB_SOURCES = tuple(HUB_TABLE)
+# Protocols a single local file can be read by, as "NAME:FILE" (one sentence a line, stripped).
+LINE_PROTOCOLS = ("ptb",)
+
+
+def split_protocol(source: str) -> tuple[HubSource, Path] | None:
+    """``ptb:data/ptb.test.txt`` -> (the ptb protocol, the file); None for any other source string."""
+    name, sep, rest = source.partition(":")
+    if sep and name in LINE_PROTOCOLS and rest:
+        return HUB_TABLE[name], Path(rest).expanduser()
+    return None
+
+
+def load_protocol_file(spec: HubSource, path: Path, split: str, source: str) -> Documents:
+    """A local text file read by a hub source's protocol: a document per line, stripped, joined with its joiner.
+
+    The whole file is the split (the user named it): ``ptb:ptb.test.txt`` is the papers' PTB
+    test text whichever split is asked for.
+    """
+    import datasets
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = [line.strip() for line in handle]  # ptb_text_only's loader: line.strip() per sentence
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"Cannot read {source}: {path} is not a readable UTF-8 text file ({err}).") from err
+    if not any(lines):
+        raise UsageError(f"The data source {source} is empty: {path} holds no text to read.")
+    rows = datasets.Dataset.from_dict({TEXT: lines})
+    description = (f"{path}, whole ({len(lines):,} lines) by the papers' {spec.name} protocol (each line stripped, "
+                   f"joined with {spec.joiner_for(split)!r})")
+    key = key_of("protocol file v1", spec.name, spec.joiner_for(split), texts_digest(lines))
+    return Documents(source, split, rows, spec.joiner_for(split), description, key, protocol=spec)
 
 
 def hub_layout(path: Path) -> HubSource | None:
@@ -128,19 +161,29 @@ def _load_from_hub(spec: HubSource, split: str, cache_dir: str | None, streaming
 
     reason = offline_reason()
     if reason is not None and streaming:  # a stream has no cache to fall back on
-        raise offline_error("dataset", spec.name, flag, reason)
+        raise offline_error("dataset", spec.name, flag, reason, local_copy=local_copy_hint(spec))
     try:
         with _offline_mode(reason is not None):
             return datasets.load_dataset(spec.repo, data_files={split: spec.files[split]}, split=split,
                                          revision=spec.revision, cache_dir=cache_dir, streaming=streaming)
     except Exception as err:  # offline and network failures surface as many types
         if reason is not None:
-            raise offline_error("dataset", spec.name, flag, reason) from err
+            raise offline_error("dataset", spec.name, flag, reason, local_copy=local_copy_hint(spec)) from err
         raise UsageError(
             f"{flag} {spec.name}: could not load {spec.files[split]} from the Hub dataset {spec.repo} "
             f"({type(err).__name__}: {err}). Use a local file or folder, builtin, or a local copy of the files in the "
             "Hub's layout."
         ) from err
+
+
+def local_copy_hint(spec: HubSource) -> str:
+    """How to get ``spec``'s protocol from local files, for the offline message."""
+    if spec.name in LINE_PROTOCOLS:
+        return (f"For the papers' {spec.name} protocol on a local copy of the text, give {spec.name}:FILE, e.g. "
+                f"{spec.name}:data/{spec.name}.test.txt (each line stripped, joined with {spec.joiner!r}; the same file "
+                "given as a plain path is scored as text, which gives other numbers).")
+    return (f"For the papers' {spec.name} protocol on local files, give a folder holding {spec.repo}'s files in "
+            f"its layout (e.g. DIR/{spec.files['test']}).")
 
 
 @contextlib.contextmanager

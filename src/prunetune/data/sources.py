@@ -1,11 +1,17 @@
 """Data names and paths -> :class:`Documents`: the one dispatch over builtin, hub and local sources.
 
 A *source* is ``builtin``, a hub name (``wikitext2``, ``c4``, ``ptb``), a local folder in one
-of those datasets' hub layout (it gets that dataset's protocol), or a local file/folder.
+of those datasets' hub layout (it gets that dataset's protocol), ``ptb:FILE`` (a local PTB
+text file read by the papers' ptb protocol), or a local file/folder.
+
+A single local file named for an evaluation split (``test.txt``, ``ptb.valid.txt``) is whole
+when the validation or test split is asked for: the user named it for evaluation, so holding
+out its first percentage (the rule for a file that also trains) would score only part of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +23,11 @@ from prunetune.data.hub_sources import (
     HubSource,
     hub_layout,
     load_hub,
+    load_protocol_file,
+    split_protocol,
 )
 from prunetune.data.local import (
+    SPLIT_STEMS,
     _split_path_field,
     describe_kinds,
     file_kind,
@@ -34,7 +43,8 @@ TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
 def describe_sources() -> str:
     return (
         f"one of {', '.join(SOURCES)}, or a path to a {describe_kinds()} file "
-        "(json/jsonl/parquet: 'path:field' names the text field) or a folder of them"
+        "(json/jsonl/parquet: 'path:field' names the text field) or a folder of them; ptb:FILE reads a local PTB "
+        "text file by the papers' ptb protocol"
     )
 
 
@@ -47,6 +57,7 @@ class SourceRef:
     kind: str
     protocol: HubSource | None = None
     root: Path | None = None  # a local folder in the hub layout of ``protocol``
+    file: Path | None = None  # ``ptb:FILE``: the local file read by ``protocol``
 
 
 def resolve(source: str, flag: str | None = None) -> SourceRef:
@@ -59,6 +70,13 @@ def resolve(source: str, flag: str | None = None) -> SourceRef:
         return SourceRef(source, "builtin")
     if source in HUB_TABLE:
         return SourceRef(source, "hub", HUB_TABLE[source])
+    named = split_protocol(source)
+    if named is not None and not Path(source).exists():
+        spec, file = named
+        if not file.is_file():
+            raise UsageError(f"{label}: {file} is not a file. {spec.name}:FILE reads a local text file (one sentence a "
+                             f"line, e.g. {spec.name}.test.txt) by the papers' {spec.name} protocol.")
+        return SourceRef(source, "local", spec, file=file)
     path, _ = _split_path_field(source)
     if not path.exists():
         if looks_like_path(source) or file_kind(path) is not None:
@@ -129,6 +147,19 @@ def load_documents(source: str, split: str, cache_dir: str | None = None, *, val
     ref = resolve(source, flag)
     if ref.kind == "builtin":
         return builtin_documents(split)
+    if ref.file is not None:
+        return load_protocol_file(ref.protocol, ref.file, split, source)
     if ref.protocol is not None:
         return load_hub(ref.protocol, split, source, cache_dir, ref.root, streaming, flag)
+    path, _ = _split_path_field(source)
+    if split != "train" and validation_percent > 0 and path.is_file() and named_for_evaluation(path):
+        documents = load_local(source, split, cache_dir, 0, streaming)
+        return dataclasses.replace(documents, description=documents.description.replace(
+            "no held-out part: validation_percent=0", "the file is named for evaluation, so none of it is held out"))
     return load_local(source, split, cache_dir, validation_percent, streaming)
+
+
+def named_for_evaluation(path: Path) -> bool:
+    """A file whose name marks it as evaluation text: a dot-separated part is test, validation, valid or val."""
+    parts = path.name.lower().split(".")
+    return any(part in SPLIT_STEMS["validation"] + SPLIT_STEMS["test"] for part in parts[:-1])
