@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--ignore", nargs="+", default=None, help="glob patterns of layers to keep dense, e.g. 'mlp.down_proj'")
     group.add_argument("--blocksize", type=int, default=None, help="SparseGPT: columns per mask block (default 128)")
     group.add_argument("--percdamp", type=float, default=None, help="SparseGPT: Hessian dampening, fraction of its mean diagonal (default 0.01)")
+    group.add_argument("--sparsity_profile", default=None,
+                       help="how the ratio varies over layers (unstructured): 'uniform' (default), 'owl' (outlier-weighed "
+                            "layerwise sparsity: blocks with more outlier Wanda scores keep more weights), or a JSON/YAML file "
+                            "of block index or layer glob -> ratio; overall sparsity stays --sparsity_ratio")
+    group.add_argument("--owl_m", type=float, default=5.0,
+                       help="OWL: a score is an outlier above this multiple of its block's mean score (default: %(default)s)")
+    group.add_argument("--owl_lambda", type=float, default=0.08,
+                       help="OWL: largest deviation of a block's ratio from --sparsity_ratio (default: %(default)s)")
     calib = parser.add_argument_group("calibration")
     calib.add_argument("--calib_dataset", default=None, help=f"calibration data: {describe_sources()} ({DEFAULT_DATA_HELP['calibration']})")
     calib.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: %(default)s)")
@@ -114,7 +122,8 @@ def _validate(args: argparse.Namespace):
                          calib_dataset=args.calib_dataset or default_data("calibration", args.model), batch_size=args.batch_size,
                          device=args.compute_device, offload_activations=args.offload_activations,
                          true_sequential=args.true_sequential,
-                         targets=args.targets, ignore=args.ignore, options=options, cache_dir=args.cache_dir, progress=True)
+                         targets=args.targets, ignore=args.ignore, options=options, cache_dir=args.cache_dir, progress=True,
+                         sparsity_profile=args.sparsity_profile, owl_m=args.owl_m, owl_lambda=args.owl_lambda)
     args.eval_defaulted = args.eval_dataset is None
     if args.eval_defaulted:
         args.eval_dataset = default_data("evaluation", args.model)

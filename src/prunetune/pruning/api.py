@@ -1,9 +1,11 @@
 """``prune(model, tokenizer, config) -> PruneReport``: the pruning stage of the pipeline.
 
 Validates everything it can before touching the model (method, ratio, N:M, layer shapes,
-sequence length), draws the calibration samples (or takes the token ids it is given), runs
-the pruner -- block by block through :mod:`prunetune.calibrate` when it needs data, layer
-by layer otherwise -- and reports what it did.
+sequence length, the sparsity profile), draws the calibration samples (or takes the token ids
+it is given), with ``sparsity_profile="owl"`` measures the blocks' outlier ratios on the dense
+model (:mod:`prunetune.pruning.owl`), runs the pruner -- block by block through
+:mod:`prunetune.calibrate` when it needs data, layer by layer otherwise -- and reports what it
+did, per-layer ratios of the profile included.
 
 Example::
 
@@ -25,9 +27,20 @@ from prunetune.calibrate import BlockTiming, CalibrationOptions, prune_sequentia
 from prunetune.errors import UsageError, require
 from prunetune.masks import SparsityReport, measure_sparsity
 from prunetune.modules import find_decoder_blocks, prunable_layers, weight_matrix, weight_param_shape
+import prunetune.pruning.profile as profiles
 from prunetune.pruning.base import Pruner
+from prunetune.pruning.magnitude import MagnitudePruner
+from prunetune.pruning.owl import block_outlier_ratios
+from prunetune.pruning.sparsegpt import SparseGPTPruner
+from prunetune.pruning.wanda import WandaPruner
 
 logger = logging.getLogger(__name__)
+
+PRUNERS: dict[str, type[Pruner]] = {
+    "magnitude": MagnitudePruner,
+    "wanda": WandaPruner,
+    "sparsegpt": SparseGPTPruner,
+}
 
 DEFAULT_SEQLEN_CAP = 2048  # the papers calibrate with 2048-token windows
 ALREADY_SPARSE = 0.01  # overall zero fraction above which a model counts as already pruned
@@ -56,6 +69,11 @@ class PruneConfig:
         targets: glob patterns of layers to prune (default: every linear in the blocks).
         ignore: glob patterns of layers to leave dense.
         options: extra pruner options, e.g. ``{"blocksize": 128, "percdamp": 0.01}`` for SparseGPT.
+        sparsity_profile: how the ratio varies over layers (unstructured only): ``uniform``
+            (None), ``owl``, or a JSON/YAML file (or a dict) of block index or layer glob ->
+            ratio; see :mod:`prunetune.pruning.profile`. The overall sparsity stays the target.
+        owl_m: OWL's outlier threshold, a multiple of the block's mean Wanda score.
+        owl_lambda: OWL's largest deviation of a block's ratio from the target.
         cache_dir: Hugging Face datasets cache.
         progress: show progress bars.
     """
@@ -76,6 +94,9 @@ class PruneConfig:
     targets: list[str] | None = None
     ignore: list[str] | None = None
     options: dict = field(default_factory=dict)
+    sparsity_profile: str | dict | None = None
+    owl_m: float = profiles.DEFAULT_OWL_M
+    owl_lambda: float = profiles.DEFAULT_OWL_LAMBDA
     cache_dir: str | None = None
     progress: bool = False
 
@@ -86,6 +107,8 @@ class PruneConfig:
         self.device = check_device(self.device, "--compute_device (PruneConfig.device)")
         self.pruner = build_pruner(self.method, self.sparsity_ratio, self.sparsity_type, self.use_variant, self.options)
         self.sparsity_ratio = self.pruner.ratio
+        self.profile = profiles.parse_profile(self.sparsity_profile, self.sparsity_ratio, self.owl_m, self.owl_lambda,
+                                              nm=self.pruner.structure.is_nm)
         require(not self.true_sequential or self.pruner.needs_calibration,
                 f"true_sequential changes how calibration statistics are gathered; the {self.method} pruner uses none "
                 "(accepted with wanda and sparsegpt).")
@@ -99,16 +122,31 @@ class PruneConfig:
         require(isinstance(self.nsamples, int) and self.nsamples >= 1, f"nsamples must be a positive integer, got {self.nsamples!r}.")
         require(self.seqlen is None or (isinstance(self.seqlen, int) and self.seqlen >= 2),
                 f"seqlen must be an integer >= 2 (or None for the model's context), got {self.seqlen!r}.")
-        if self.pruner.needs_calibration and self.calibration_ids is None:
+        if self.needs_calibration and self.calibration_ids is None:
             from prunetune.data import check_source
 
             check_source(self.calib_dataset, flag="--calib_dataset")
 
 
-def build_pruner(method: str, ratio, structure, use_variant: bool = False, options: dict | None = None) -> Pruner:
-    """A validated pruner from the registry (:data:`prunetune.pruning.PRUNERS`)."""
-    from prunetune.pruning import pruner_class
+    @property
+    def needs_calibration(self) -> bool:
+        """Calibration data is drawn: the pruner needs it, or OWL's statistics pass (magnitude too)."""
+        return self.pruner.needs_calibration or self.profile.kind == profiles.OWL
 
+
+def pruner_class(name: str) -> type[Pruner]:
+    """The registered pruner called ``name``.
+
+    Raises:
+        UsageError: unknown name (the message lists the accepted ones).
+    """
+    if name not in PRUNERS:
+        raise UsageError(f"Unknown pruning method {name!r}; accepted: {', '.join(PRUNERS)}.")
+    return PRUNERS[name]
+
+
+def build_pruner(method: str, ratio, structure, use_variant: bool = False, options: dict | None = None) -> Pruner:
+    """A validated pruner from the registry (:data:`PRUNERS`)."""
     cls = pruner_class(method)
     try:
         return cls(ratio, structure, use_variant, **(options or {}))
@@ -131,6 +169,7 @@ class PruneReport:
     options: dict = field(default_factory=dict)
     block_timings: list[BlockTiming] = field(default_factory=list)
     true_sequential: bool = False
+    profile: profiles.ProfileReport | None = None  # None: uniform
 
     @property
     def already_sparse(self) -> bool:
@@ -148,6 +187,7 @@ class PruneReport:
             "calibration": self.calibration,
             "options": self.options,
             "sparsity": self.sparsity.to_dict(),
+            "sparsity_profile": self.profile.to_dict() if self.profile else {"kind": profiles.UNIFORM},
             "block_timings": [t.to_dict() for t in self.block_timings],
         }
 
@@ -166,7 +206,34 @@ def check_layers(model, config: PruneConfig) -> dict[str, torch.nn.Module]:
                 f"Layer {name} has its weights offloaded (device 'meta'): pruning changes weights in place. "
                 "Load the model into CPU or GPU memory (device_map without disk offload), and use "
                 "--compute_device to run blocks on the accelerator.")
+    if config.profile.kind == "mapping":
+        _profile_ratios(model, layers, config, None)  # an unknown block or layer, an unreachable target: before any work
     return layers
+
+
+def _profile_ratios(model, layers: dict[str, torch.nn.Module], config: PruneConfig,
+                    outliers: dict[int, float] | None) -> profiles.ProfileReport:
+    """Per-layer ratios of a non-uniform profile, shifted to meet the target exactly."""
+    block_of, relative_of = {}, {}
+    for block in find_decoder_blocks(model):
+        for relative in block.linears:
+            if block.qualified(relative) in layers:
+                block_of[block.qualified(relative)] = block.index
+                relative_of[block.qualified(relative)] = relative
+    counts = {name: module.weight.numel() for name, module in layers.items()}
+    spec, target = config.profile, config.sparsity_ratio
+    owl = None
+    if spec.kind == profiles.OWL:
+        order = sorted(outliers)
+        by_block = dict(zip(order, profiles.owl_block_ratios([outliers[b] for b in order], target, spec.owl_lambda)))
+        raw = {name: by_block[block_of[name]] for name in layers}
+        origin = {name: f"block {block_of[name]}" for name in layers}
+        owl = {"m": spec.owl_m, "lambda": spec.owl_lambda, "outlier_ratios": {str(b): outliers[b] for b in order}}
+    else:
+        raw, origin = profiles.mapping_ratios(spec, {n: (block_of[n], relative_of[n]) for n in layers}, target)
+    ratios = profiles.meet_target(raw, counts, target, origin)
+    return profiles.ProfileReport(kind=spec.kind, target=target, layer_ratios=ratios, source=spec.source, owl=owl,
+                                  block_ratios=profiles.block_means(ratios, counts, block_of))
 
 
 def _calibration_ids(model, tokenizer, config: PruneConfig) -> tuple[torch.Tensor, dict]:
@@ -223,14 +290,23 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None) -> PruneRepo
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    calibration, timings = None, []
+    calibration, timings, profile = None, [], None
     try:
-        if pruner.needs_calibration:
+        if config.needs_calibration:
             ids, calibration = _calibration_ids(model, tokenizer, config)
             options = CalibrationOptions(batch_size=config.batch_size, device=config.device,
                                          offload_activations=config.offload_activations,
                                          true_sequential=config.true_sequential, progress=config.progress)
-            start = time.perf_counter()  # time the pruning, not the tokenization
+        start = time.perf_counter()  # time the pruning, not the tokenization
+        if not config.profile.uniform:
+            outliers = None
+            if config.profile.kind == profiles.OWL:
+                outliers = block_outlier_ratios(model, ids, set(layers), config.profile.owl_m, options)
+            profile = _profile_ratios(model, layers, config, outliers)
+            if outliers is not None:
+                profile.owl["statistics_seconds"] = time.perf_counter() - start
+            pruner.layer_ratios = profiles.LayerRatios(profile.layer_ratios, layers)
+        if pruner.needs_calibration:
             timings = prune_sequentially(model, ids, pruner, set(layers), options)
         else:
             for block in find_decoder_blocks(model):
@@ -243,10 +319,11 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None) -> PruneRepo
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     finally:
+        pruner.layer_ratios = None  # the config's pruner prunes uniformly again
         model.train(was_training)
     report = PruneReport(method=pruner.name, sparsity_ratio=pruner.ratio, sparsity_type=str(pruner.structure),
                          use_variant=pruner.use_variant, seconds=seconds, sparsity=measure_sparsity(model),
                          initial_sparsity=initial.overall, calibration=calibration, options=dict(config.options),
-                         block_timings=timings, true_sequential=config.true_sequential)
+                         block_timings=timings, true_sequential=config.true_sequential, profile=profile)
     logger.info("%s: %.4f sparse in %.2fs", pruner.name, report.sparsity.overall, seconds)
     return report

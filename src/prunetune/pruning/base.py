@@ -10,7 +10,10 @@ A pruner says two things and nothing else:
 
 This class owns the rest: the validated ratio and N:M structure (parsed once), the
 unstructured selection rule, the divisibility check, keeping a model's existing zeros
-pruned, and zeroing the pruned weights.
+pruned, and zeroing the pruned weights. With a non-uniform sparsity profile
+(:mod:`prunetune.pruning.profile`) each layer has its own ratio (:attr:`Pruner.layer_ratios`),
+and every layer prunes exactly ``floor(ratio * numel)`` weights (rows of a per-row rule lose
+the floor or the ceiling of ``ratio * in``), so that the model meets the target overall.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from prunetune.errors import UsageError
 from prunetune.pruning import selection
+from prunetune.pruning.profile import LayerRatios
 from prunetune.pruning.selection import Structure
 
 
@@ -140,6 +144,8 @@ class Pruner:
         if use_variant and not self.supports_variant:
             raise UsageError(f"--use_variant is a Wanda option; the {self.name} pruner does not accept it.")
         self.use_variant = use_variant
+        #: per-layer ratios of a non-uniform profile (None: every layer at ``ratio``, the papers' rounding)
+        self.layer_ratios: LayerRatios | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -152,23 +158,37 @@ class Pruner:
         """Raise :class:`UsageError` before any work if the layer cannot take the structure."""
         selection.check_divisible(self.structure, in_features, name)
 
-    def select(self, scores: torch.Tensor) -> torch.Tensor:
+    @property
+    def exact_counts(self) -> bool:
+        """Per-layer counts ``floor(ratio * numel)`` (a profile) instead of the papers' per-row floors."""
+        return self.layer_ratios is not None
+
+    def ratios_for(self, weights: list[torch.Tensor]) -> list[float]:
+        """The ratio of each weight's layer."""
+        if self.layer_ratios is None:
+            return [self.ratio] * len(weights)
+        return [self.layer_ratios.lookup(weight) for weight in weights]
+
+    def select(self, scores: torch.Tensor, ratio: float | None = None) -> torch.Tensor:
         """Kept mask from scores by this pruner's rule (N:M, variant, per row or per layer)."""
+        ratio = self.ratio if ratio is None else ratio
         if self.structure.is_nm:
             return selection.nm_mask(scores, self.structure)
         if self.use_variant:
-            return selection.variant_mask(scores, self.ratio)
+            return selection.variant_mask(scores, ratio)
         if self.unstructured_rule == "row":
-            return selection.row_mask(scores, self.ratio)
-        return selection.layer_mask(scores, self.ratio)
+            return selection.balanced_row_mask(scores, ratio) if self.exact_counts else selection.row_mask(scores, ratio)
+        return selection.layer_mask(scores, ratio)
 
-    def choose(self, weights: list[torch.Tensor], statistic: Statistic | None, zeros: list[torch.Tensor]) -> list[torch.Tensor]:
+    def choose(self, weights: list[torch.Tensor], statistic: Statistic | None, zeros: list[torch.Tensor],
+               ratios: list[float]) -> list[torch.Tensor]:
         """Kept masks for weight matrices that share one input statistic.
 
         Args:
             weights: (out, in) views of the layers' weights; may be updated in place.
             statistic: the finished statistic of their common input (None if not needed).
             zeros: boolean masks of the weights that were already zero (stay pruned).
+            ratios: the sparsity ratio of each weight's layer.
 
         Returns:
             One boolean kept mask per weight.
@@ -181,7 +201,7 @@ class Pruner:
         if statistic is not None:
             statistic.finish()
         zeros = [w == 0 for w in weights]
-        kept_masks = self.choose(weights, statistic, zeros)
+        kept_masks = self.choose(weights, statistic, zeros, self.ratios_for(weights))
         for weight, kept, zero in zip(weights, kept_masks, zeros):
             kept &= ~zero  # a model's existing zeros stay pruned
             weight.masked_fill_(~kept, 0)

@@ -17,5 +17,6 @@ class MagnitudePruner(Pruner):
     statistic_class = None
     unstructured_rule = "layer"
 
-    def choose(self, weights: list[torch.Tensor], statistic: Statistic | None, zeros: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.select(weight.abs()) for weight in weights]
+    def choose(self, weights: list[torch.Tensor], statistic: Statistic | None, zeros: list[torch.Tensor],
+               ratios: list[float]) -> list[torch.Tensor]:
+        return [self.select(weight.abs(), ratio) for weight, ratio in zip(weights, ratios)]

@@ -8,6 +8,8 @@ SparseGPT) and ask this module which entries survive.
 Structures:
 
 * unstructured, per row (Wanda): every row loses exactly ``floor(ratio * in)`` weights;
+  balanced (a layer-wise profile): the layer loses exactly ``floor(ratio * numel)``, every row
+  the floor or the ceiling of ``ratio * in``;
 * unstructured, per layer (magnitude, SparseGPT per block of columns): the whole tensor loses
   exactly ``floor(ratio * numel)`` weights;
 * ``N:M`` (per row, along the input dimension): in every group of M consecutive inputs at
@@ -170,6 +172,24 @@ def lowest_per_row(scores: torch.Tensor, count: int, use_sort: bool | None = Non
 def row_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Prune exactly ``floor(ratio * in)`` lowest-scoring entries of every row (Wanda)."""
     return ~lowest_per_row(scores, pruned_count(ratio, scores.shape[-1]))
+
+
+def balanced_row_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Prune exactly ``floor(ratio * numel)`` entries, the lowest-scoring of each row; rows lose
+    ``floor`` or ``ceil`` of ``ratio * in``, the extra ones spread evenly over the rows.
+
+    Equal to :func:`row_mask` when ``ratio * in`` is a whole number.
+    """
+    rows = scores.shape[0]
+    total = pruned_count(ratio, scores.numel())
+    base, extra = divmod(total, rows)
+    fewer = lowest_per_row(scores, base)
+    if extra == 0:
+        return ~fewer
+    index = torch.arange(rows + 1, device=scores.device)
+    takes_extra = ((index[1:] * extra) // rows - (index[:-1] * extra) // rows).bool()  # (rows,) exactly `extra` True
+    more = lowest_per_row(scores, base + 1)
+    return ~torch.where(takes_extra.unsqueeze(1), more, fewer)
 
 
 def layer_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -9,7 +9,9 @@ reference code, a "dead" input (always zero in the calibration data: ``H_jj = 0`
 ``H_jj = 1`` and its weights ``W[:, j] = 0``.
 
 * the mask of a block is chosen from ``w^2 / U_jj^2`` (unstructured: the lowest
-  ``floor(ratio * rows * block)`` of the block, per layer; N:M: the N lowest of every M
+  ``floor(ratio * rows * block)`` of the block, per layer -- with a layer-wise profile,
+  ``floor(ratio * rows * end) - floor(ratio * rows * start)`` for columns [start, end), so
+  that the layer loses exactly ``floor(ratio * numel)``; N:M: the N lowest of every M
   columns, chosen when the walk reaches them);
 * pruning column j sets its weight to zero and moves the error ``e_j = w_j / U_jj`` to the
   columns on its right: ``W[:, k] -= e_j U_jk`` for k > j (kept weights are updated).
@@ -61,7 +63,8 @@ class SparseGPTPruner(Pruner):
         self.percdamp = percdamp
         self.solve_block = solve_block
 
-    def choose(self, weights: list[torch.Tensor], statistic: Hessian, zeros: list[torch.Tensor]) -> list[torch.Tensor]:
+    def choose(self, weights: list[torch.Tensor], statistic: Hessian, zeros: list[torch.Tensor],
+               ratios: list[float]) -> list[torch.Tensor]:
         device = statistic.device
         stacked = torch.cat([w.to(device=device, dtype=torch.float32) for w in weights])  # (rows, in)
         zero_mask = torch.cat([z.to(device) for z in zeros])
@@ -75,8 +78,8 @@ class SparseGPTPruner(Pruner):
         # as the reference: a weight on an input that is always zero does nothing, so it is zeroed
         # (its score is then 0: pruned first, and it moves no error onto the other columns)
         stacked.masked_fill_(statistic.derived["sparsegpt_dead"], 0)  # broadcast over rows; no host sync
-        pruned = obs_prune_(stacked, factor, self.ratio, self.structure, sizes, zero_mask,
-                            self.blocksize, self.solve_block)
+        pruned = obs_prune_(stacked, factor, ratios, self.structure, sizes, zero_mask,
+                            self.blocksize, self.solve_block, exact_counts=self.exact_counts)
         kept = []
         for weight, rows, part_pruned in zip(weights, stacked.split(sizes), pruned.split(sizes)):
             weight.copy_(rows.to(weight.dtype))
@@ -143,26 +146,43 @@ def masked_triangular_errors(values: torch.Tensor, pruned: torch.Tensor, upper: 
     return errors
 
 
-def _select_unstructured(scores: torch.Tensor, ratio: float, sizes: list[int]) -> torch.Tensor:
-    """Per layer (row segment) selection over one block of columns; returns the pruned mask."""
-    return ~torch.cat([selection.layer_mask(part, ratio) for part in scores.split(sizes)])
+def _select_unstructured(scores: torch.Tensor, ratios: list[float], sizes: list[int], start: int, end: int,
+                         exact_counts: bool) -> torch.Tensor:
+    """Per layer (row segment) selection over columns [start, end); returns the pruned mask.
+
+    Papers' rounding: ``floor(ratio * rows * (end - start))`` per block. Exact counts: the
+    block's share of the layer's ``floor(ratio * rows * in)``, by the floors of the running totals.
+    """
+    pruned = []
+    for part, ratio in zip(scores.split(sizes), ratios):
+        if exact_counts:
+            rows = part.shape[0]
+            count = selection.pruned_count(ratio, rows * end) - selection.pruned_count(ratio, rows * start)
+            pruned.append(selection.lowest_per_row(part.reshape(1, -1), count).view_as(part))
+        else:
+            pruned.append(~selection.layer_mask(part, ratio))
+    return torch.cat(pruned)
 
 
-def obs_prune_(weights: torch.Tensor, factor: torch.Tensor, ratio: float, structure: Structure,
-               sizes: list[int], zeros: torch.Tensor, blocksize: int = 128, solve_block: int = 32) -> torch.Tensor:
+def obs_prune_(weights: torch.Tensor, factor: torch.Tensor, ratio: float | list[float], structure: Structure,
+               sizes: list[int], zeros: torch.Tensor, blocksize: int = 128, solve_block: int = 32,
+               exact_counts: bool = False) -> torch.Tensor:
     """Prune ``weights`` (rows, in) in place by SparseGPT's OBS walk; returns the pruned mask.
 
     Args:
         weights: float32, the row-stacked weights of layers sharing this Hessian.
         factor: U, the upper Cholesky factor of the damped inverse Hessian, (in, in).
-        ratio: unstructured sparsity (ignored for N:M).
+        ratio: unstructured sparsity, one for all layers or one per stacked layer (ignored for N:M).
         structure: unstructured or N:M.
         sizes: rows of each stacked layer (unstructured masks are chosen per layer).
         zeros: entries already zero before pruning (always pruned).
         blocksize: columns per mask-selection block (128 in the paper).
         solve_block: columns per batched triangular solve (unstructured).
+        exact_counts: each layer loses exactly ``floor(ratio * numel)`` (a layer-wise profile)
+            instead of ``floor(ratio * rows * b)`` in every block of b columns.
     """
     rows, columns = weights.shape
+    ratios = list(ratio) if isinstance(ratio, (list, tuple)) else [ratio] * len(sizes)
     pruned = torch.zeros_like(weights, dtype=torch.bool)
     step = structure.m if structure.is_nm else solve_block
     inverse_diagonal_sq = factor.diagonal().square()  # (in,)
@@ -173,7 +193,8 @@ def obs_prune_(weights: torch.Tensor, factor: torch.Tensor, ratio: float, struct
         block_zeros = zeros[:, block_start:block_end]
         if not structure.is_nm:
             scores = block.square() / inverse_diagonal_sq[block_start:block_end]
-            pruned[:, block_start:block_end] = _select_unstructured(scores, ratio, sizes) | block_zeros
+            pruned[:, block_start:block_end] = _select_unstructured(scores, ratios, sizes, block_start, block_end,
+                                                                    exact_counts) | block_zeros
         errors = torch.zeros_like(block)  # (rows, b)
         for sub_start in range(0, block_end - block_start, step):
             sub_end = min(sub_start + step, block_end - block_start)

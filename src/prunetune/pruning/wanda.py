@@ -20,10 +20,11 @@ class WandaPruner(Pruner):
     unstructured_rule = "row"
     supports_variant = True
 
-    def choose(self, weights: list[torch.Tensor], statistic: SquaredNorms, zeros: list[torch.Tensor]) -> list[torch.Tensor]:
+    def choose(self, weights: list[torch.Tensor], statistic: SquaredNorms, zeros: list[torch.Tensor],
+               ratios: list[float]) -> list[torch.Tensor]:
         input_norms = statistic.values.sqrt()  # (in,) ||X_j||_2, fp32
         kept = []
-        for weight in weights:
+        for weight, ratio in zip(weights, ratios):
             scores = weight.abs().float() * input_norms.to(weight.device)  # (out, in)
-            kept.append(self.select(scores))
+            kept.append(self.select(scores, ratio))
         return kept
