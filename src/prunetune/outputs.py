@@ -12,15 +12,21 @@ Every command that writes a folder follows one rule (:func:`check_output_dir`, t
 * the folder is written into a temporary sibling (``.NAME.tmp-XXXX``) and renamed into place
   at the end; the manifest is the last file written and says ``"complete": true``. Temporary
   siblings left by a killed run are removed by the next run into the same place;
-* files and folders get the permissions the user's umask gives (not 0700/0600).
+* files and folders get the permissions the user's umask gives (not 0700/0600), also in folders
+  a run writes in place (recover): the lock normalises them when the run ends;
+* a full disk (or quota, or any other failed write of the output) is a :class:`UsageError`
+  naming the folder and the cause, and the temporary sibling is removed (:func:`writing_output`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -59,6 +65,65 @@ def _follow_umask(path: Path, directory: bool) -> None:
     """``mkdtemp``/``mkstemp`` create 0700/0600 on purpose; outputs should be shareable like any file."""
     with contextlib.suppress(OSError):
         os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def follow_umask_tree(path: Path) -> None:
+    """Give ``path`` and everything below it the umask's permissions (links are left alone); safetensors writes 0600."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return
+    for written in [path, *path.rglob("*")]:
+        if not written.is_symlink():
+            _follow_umask(written, directory=written.is_dir())
+
+
+# --------------------------------------------------------------------------- failed writes
+
+
+# errno values that say the storage, not the program, failed a write
+STORAGE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EFBIG: "the file is larger than the file system or the process limit allows",
+                  errno.EROFS: "the file system is read-only"}
+# Rust writers (safetensors, tokenizers) raise a plain exception whose message ends "(os error 28)"
+_RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def write_errno(error: BaseException) -> int | None:
+    """The errno of a failed write: an ``OSError``'s, or the one a Rust writer's message gives."""
+    if isinstance(error, OSError):
+        return error.errno
+    if isinstance(error, Exception) and (found := _RUST_IO_ERROR.search(str(error))):
+        return int(found.group(1))
+    return None
+
+
+def write_failure(path: Path, error: BaseException, what: str = "Output folder") -> UsageError:
+    """A one-paragraph :class:`UsageError` for a write into ``path`` that failed with ``error``."""
+    code = write_errno(error)
+    cause = STORAGE_ERRNOS.get(code) or (os.strerror(code) if code else str(error))
+    detail = getattr(error, "strerror", None) or str(error)
+    return UsageError(f"{what} {path} could not be written: {cause} ({detail}). Nothing half-written was left in its "
+                      "place. Free space (or quota) on that file system or choose another location, then run the "
+                      "command again.")
+
+
+@contextlib.contextmanager
+def writing_output(path: str | Path, what: str = "Output folder", storage_only: bool = False):
+    """Turn a failed write inside the block into a :class:`UsageError` naming ``path`` and the cause.
+
+    Wrap the code that writes an output (``save_pretrained``, a Trainer's ``save_model``). With
+    ``storage_only`` only a full disk, an exceeded quota, a file too large or a read-only file
+    system is turned (for blocks that also read, where other errors are not about the output).
+    """
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as error:
+        code = write_errno(error)
+        if code is None or (storage_only and code not in STORAGE_ERRNOS):
+            raise
+        raise write_failure(Path(path), error, what) from error
 
 
 # --------------------------------------------------------------------------- checks
@@ -108,11 +173,7 @@ def check_output_dir(path: str | Path, overwrite: bool = False, flag: str = OVER
 
 
 def check_output_file(path: str | Path, flag: str = "--json") -> Path:
-    """Before any work: ``path`` can be written as a file.
-
-    It must not be a folder, and the nearest folder that exists above it must be writable
-    (the missing ones in between are created when the file is written).
-    """
+    """Before any work: ``path`` can be written as a file (not a folder; the nearest existing folder above is writable)."""
     target = Path(path).expanduser()
     if not str(path).strip() or target.is_dir():
         raise UsageError(f"{flag} {path!r} is a folder; give a file path such as {str(target / 'result.json')!r}.")
@@ -126,7 +187,6 @@ def check_output_file(path: str | Path, flag: str = "--json") -> Path:
         raise UsageError(f"{flag} {path!r} cannot be written: the folder {str(existing)!r} is not writable. "
                          "Give a path in a folder you can write to.")
     return target
-
 
 
 # --------------------------------------------------------------------------- lock
@@ -152,9 +212,12 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     return removed
 
 
-# Locks this process holds, by folder: a second acquire of the same folder from this process
-# nests instead of deadlocking against itself (flock locks belong to open file descriptions).
-_HELD: dict[Path, int] = {}
+# The folders the current call chain holds locked: a command locks its output, then a helper that
+# locks it too (save_model_dir) nests instead of deadlocking against it (flock locks belong to open
+# file descriptions). Set by the lock's block and reset when it ends, so nothing outlives the block;
+# another thread does not see it, so a second writer there is refused like another process.
+_HELD_HERE: contextvars.ContextVar[frozenset[Path]] = contextvars.ContextVar("prunetune_output_locks",
+                                                                              default=frozenset())
 
 
 @contextlib.contextmanager
@@ -164,18 +227,18 @@ def output_lock(path: str | Path, command: str = "prunetune"):
     The lock is a sibling file, so it survives the folder being renamed into place. Under it,
     temporary folders left by an earlier killed run into the same place are removed.
 
+    When the block ends, whatever the run wrote into the folder in place is given the umask's
+    permissions, and a full disk inside the block is a :class:`UsageError` naming the folder.
+
     Raises:
-        UsageError: another process holds the lock (the message names it).
+        UsageError: another process or thread holds the lock (the message names it).
     """
     from filelock import FileLock, Timeout
 
     path = Path(path).expanduser().absolute()
-    if path in _HELD:  # this process holds it already (a command locks, then a helper that locks too runs)
-        _HELD[path] += 1
-        try:
-            yield path
-        finally:
-            _HELD[path] -= 1
+    held = _HELD_HERE.get()
+    if path in held:  # this call chain holds it already (a command locks, then a helper that locks too runs)
+        yield path
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_file, owner_file = _lock_paths(path)
@@ -195,10 +258,14 @@ def output_lock(path: str | Path, command: str = "prunetune"):
             owner_file.write_text(json.dumps({"pid": os.getpid(), "command": command,
                                               "started": time.strftime("%Y-%m-%d %H:%M:%S")}), encoding="utf-8")
         remove_stale_temporaries(path)
-        _HELD[path] = 1
-        yield path
+        token = _HELD_HERE.set(held | {path})
+        try:
+            with writing_output(path, storage_only=True):
+                yield path
+        finally:
+            _HELD_HERE.reset(token)
+            follow_umask_tree(path)  # writers that work in place (recover: safetensors makes 0600 files)
     finally:
-        _HELD.pop(path, None)
         # unlinked while still held: a run that opens the old file now fails to lock it; one that
         # creates a new file only finds the finished folder (refused unless it may overwrite)
         for file in (owner_file, lock_file):
@@ -219,24 +286,24 @@ def atomic_dir(path: str | Path, overwrite: bool = False, flag: str = OVERWRITE_
     """
     path = Path(path).expanduser().absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    _follow_umask(tmp, directory=True)
+    with writing_output(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        yield tmp
+        with writing_output(path, storage_only=True):  # the block may read too: only storage failures are ours
+            yield tmp
         check_output_dir(path, overwrite=overwrite, flag=flag)
-        for written in tmp.rglob("*"):  # some writers (safetensors) create 0600 files
-            if not written.is_symlink():
-                _follow_umask(written, directory=written.is_dir())
+        follow_umask_tree(tmp)  # some writers (safetensors) create 0600 files
+        with writing_output(path):
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -283,7 +350,7 @@ def save_model_dir(model, tokenizer, path: str | Path, manifest: dict, overwrite
         extra_files: JSON files to write into the folder too (name -> payload), before the manifest.
     """
     path = check_output_dir(path, overwrite=overwrite)
-    with output_lock(path), atomic_dir(path, overwrite=overwrite) as tmp:
+    with output_lock(path), atomic_dir(path, overwrite=overwrite) as tmp, writing_output(path):  # only writes here
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

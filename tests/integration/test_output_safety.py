@@ -4,12 +4,16 @@ Issue 9, items 1-5 and 8, and the resume rules (last *complete* checkpoint, a ne
 on resume really applies).
 """
 
+import errno
 import json
 import os
 import stat
+import threading
 
 import pytest
 import torch
+import transformers.modeling_utils
+from safetensors import SafetensorError
 from factories import lock_held_elsewhere
 from test_recover_cli import recover_args, workspace  # noqa: F401  (module fixture)
 from test_recover_resume import KillAfterSave, Killed, run
@@ -20,7 +24,9 @@ from prunetune.errors import UsageError
 
 
 def prune_args(out, *extra):
-    return ["prune", "--model", "tiny", "--prune_method", "magnitude", "--save_model", str(out), *extra]
+    # no perplexity: these tests are about the folder, and two evaluations per run cost most of their time
+    return ["prune", "--model", "tiny", "--prune_method", "magnitude", "--eval_dataset", "none", "--save_model", str(out),
+            *extra]
 
 
 def err(capsys):
@@ -162,6 +168,13 @@ def test_a_killed_save_leaves_no_hidden_copy_after_the_next_run(tmp_path):
 # --------------------------------------------------------------------------- item 5: the umask
 
 
+def wrong_modes(folder, umask=0o022):
+    """Every entry of ``folder`` (itself included) whose permissions are not what ``umask`` gives."""
+    entries = [folder, *sorted(folder.rglob("*"))]
+    return {p.relative_to(folder.parent).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in entries
+            if stat.S_IMODE(p.stat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~umask}
+
+
 def test_outputs_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
@@ -169,10 +182,20 @@ def test_outputs_follow_the_umask(tmp_path):
         assert main(prune_args(out, "--save", str(tmp_path / "logs"))) == 0
     finally:
         os.umask(old)
-    assert stat.S_IMODE(out.stat().st_mode) == 0o755
-    assert stat.S_IMODE((out / MANIFEST_NAME).stat().st_mode) == 0o644
-    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
-    assert stat.S_IMODE((tmp_path / "logs" / "prune_report.json").stat().st_mode) == 0o644
+    assert (out / "model.safetensors").exists()
+    assert wrong_modes(out) == {} and wrong_modes(tmp_path / "logs") == {}
+
+
+def test_recover_outputs_follow_the_umask(workspace, tmp_path):  # noqa: F811
+    """safetensors writes 0600 files: a finished adapter folder still has the umask's permissions."""
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "adapter"
+        assert main(recover_args(workspace, "lora", out, "--max_steps", "1")) == 0
+    finally:
+        os.umask(old)
+    assert (out / "adapter_model.safetensors").exists()
+    assert wrong_modes(out) == {}
 
 
 # --------------------------------------------------------------------------- item 8: no fp16 master weights
@@ -230,8 +253,30 @@ def test_check_output_dir_is_free_of_side_effects(tmp_path):
     check_output_dir(out)
     assert not (tmp_path / "a").exists()
     with output_lock(out):
-        with output_lock(out):  # nested in one process: no self-deadlock
+        with output_lock(out):  # nested in one call chain: no self-deadlock
             pass
+
+
+def test_another_thread_cannot_lock_a_held_folder(tmp_path):
+    """Nesting is for the call chain that holds the lock; a second writer in another thread is refused."""
+    out = tmp_path / "busy"
+    refused = []
+
+    def second_writer():
+        try:
+            with output_lock(out, "second"):
+                pass
+        except UsageError as error:
+            refused.append(str(error))
+
+    with output_lock(out, "first"):
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        thread.join()
+    assert len(refused) == 1 and "in use" in refused[0]
+    with output_lock(out):  # released at the end of the block
+        pass
+    assert not list(tmp_path.glob(".busy.lock*"))
 
 
 def test_resume_refuses_a_base_pruned_at_other_positions(workspace, tmp_path):  # noqa: F811
@@ -281,3 +326,60 @@ def test_eval_seqlen_beyond_the_model_is_refused_before_training(workspace, tmp_
     assert main(recover_args(workspace, "lora", out, "--max_steps", "1", "--do_eval", "--eval_seqlen", "100000")) == 2
     assert "--eval_seqlen 100000 exceeds" in err(capsys)
     assert not (out / "adapter_model.safetensors").exists() and not (out / "recovery.json").exists()
+
+
+# --------------------------------------------------------------------------- a full disk while a model is saved
+
+
+def full_disk(kind):
+    """A safetensors writer that fails the way a full disk does: part of the file written, then an error."""
+    def save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"\0" * 64)
+        if kind == "OSError":
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    return save_file
+
+
+@pytest.mark.parametrize("kind", ["OSError", "SafetensorError"])
+def test_a_full_disk_while_prune_saves_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch, capsys, kind):
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk(kind))
+    out = tmp_path / "pruned"
+    assert main(prune_args(out)) == 2
+    message = err(capsys)
+    assert str(out) in message and "No space left on device" in message and "Traceback" not in message
+    assert not out.exists() and not list(tmp_path.glob(".pruned.*"))  # no temporary sibling, no lock file
+
+
+def test_a_full_disk_while_the_tokenizer_saves_is_a_usage_error(tmp_path, monkeypatch):
+    """The tokenizers library reports a failed write as a bare Exception("... (os error 28)")."""
+    from prunetune.loading import load_model, load_tokenizer
+    from prunetune.outputs import save_model_dir
+
+    tokenizer = load_tokenizer("tiny")
+
+    def no_space(*args, **kwargs):
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", no_space)
+    out = tmp_path / "model"
+    with pytest.raises(UsageError, match="No space left on device") as caught:
+        save_model_dir(load_model("tiny"), tokenizer, out, {"stage": "test"})
+    assert str(out) in str(caught.value)
+    assert not out.exists() and not list(tmp_path.glob(".model.*"))
+
+
+def test_a_full_disk_while_merge_saves_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from prunetune.loading import load_model
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(load_model("tiny"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk("OSError"))
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", "tiny", "--adapter", str(adapter), "--save_model", str(out), "--allow_dense"]) == 2
+    message = err(capsys)
+    assert str(out) in message and "No space left on device" in message and "Traceback" not in message
+    assert not out.exists() and not list(tmp_path.glob(".merged.*"))
