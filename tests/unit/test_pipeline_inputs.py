@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from prunetune.errors import UsageError
 from prunetune.loading import TINY_PATH
 from prunetune.pipeline import Pipeline, StageResult, load_config
 from prunetune.pipeline.stages import stage_hash
@@ -30,7 +31,7 @@ def inputs(tmp_path):
     _write_old(validation, b"held-out text\n" * 20)
     shutil.copytree(TINY_PATH, teacher)
     raw = {"model": "tiny", "output_dir": str(tmp_path / "run"), "device": "cpu", "prune": [{"method": "magnitude"}],
-           "recover": [{"prune": "magnitude 50%", "methods": ["lora"], "eval_steps": 1, "validation_file": str(validation),
+           "recover": [{"prune": "magnitude 50%", "methods": ["lora"], "block_size": 64, "eval_steps": 1, "validation_file": str(validation),
                         "distill_from": str(teacher)}]}
     return raw, validation, teacher
 
@@ -72,3 +73,42 @@ def test_a_dense_teacher_is_keyed_by_the_pipelines_own_model(inputs):
     pipeline.stages.run = lambda name, stage_inputs, work, folder=None: recorded.setdefault("inputs", stage_inputs)
     pipeline.recover_stage(pipeline.config.recover[0], "lora", StageResult("p", pipeline.root, "k", {}, False))
     assert "teacher" not in recorded["inputs"] and recorded["inputs"]["model"] == pipeline.identity("model", "tiny")
+
+
+# --------------------------------------------------------------------------- every input checked before any stage
+
+
+def _no_stage_runs(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a stage ran before the bad input was refused")
+
+    monkeypatch.setattr(Pipeline, "dense_stage", refuse)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"distill_from": "{tmp}/no-such-teacher"}, r"config\.recover\[0\]\.distill_from: .*no-such-teacher"),
+    ({"distill_from": "{tmp}/other-model"}, r"config\.recover\[0\]\.distill_from: .*cannot teach"),
+    ({"validation_file": "{tmp}/records.jsonl"}, r"config\.recover\[0\]\.validation_file: .*'text' field"),
+    ({"dataset": "{tmp}/records.jsonl"}, r"config\.recover\[0\]\.dataset: .*'text' field"),
+], ids=["missing teacher", "teacher of another vocabulary", "unreadable validation_file", "unreadable training data"])
+def test_a_bad_recovery_input_is_refused_before_any_stage_runs(inputs, tmp_path, monkeypatch, change, message):
+    from factories import save_model_folder
+
+    save_model_folder(tmp_path / "other-model", "llama")
+    (tmp_path / "records.jsonl").write_text('{"body": "a record without text"}\n' * 4)
+    raw, _, _ = inputs
+    raw["recover"][0].update({k: v.format(tmp=tmp_path) for k, v in change.items()})
+    _no_stage_runs(monkeypatch)
+    with pytest.raises(UsageError, match=message):
+        Pipeline(load_config(raw)).run()
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "tpu"])
+def test_a_device_this_machine_lacks_is_refused_before_any_stage_runs(inputs, tmp_path, monkeypatch, device):
+    raw, _, _ = inputs
+    raw["device"] = device
+    _no_stage_runs(monkeypatch)
+    with pytest.raises(UsageError, match=rf"config\.device {device!r}"):
+        Pipeline(load_config(raw)).run()
+    assert not (tmp_path / "run").exists()

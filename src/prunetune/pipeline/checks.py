@@ -1,4 +1,5 @@
-"""What the model's shapes reveal about a pipeline file, checked before any stage runs (no weights loaded)."""
+"""What a pipeline file's inputs reveal, checked before any stage runs: the model's shapes (no weights
+loaded), the device, every local data file as its stage will read it, and every teacher."""
 
 from __future__ import annotations
 
@@ -56,3 +57,51 @@ def _skeleton(config: PipelineConfig):
             return AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as err:
         raise UsageError(f"config.model: {_load_failure('model config', config.model, err)}") from err
+
+
+def check_inputs(config: PipelineConfig) -> None:
+    """Read every input of every entry as its stage will, before the first stage runs.
+
+    Each local data file is read into documents (``datasets`` converts it once, into its cache;
+    the stage reads it from there), and each teacher's config and tokenizer are compared with the
+    model's. Hub data is not downloaded here.
+
+    Raises:
+        UsageError: naming the config key: a device this machine lacks, a local data file that
+            holds no readable text, a teacher that does not exist or cannot teach the model.
+    """
+    from prunetune.data import load_documents, resolve
+    from prunetune.loading import LoadOptions, check_device, load_tokenizer
+    from prunetune.recover.distill import DistillSettings, check_teacher
+
+    check_device(config.device, "config.device")
+    reads = {("config.calibration.dataset", config.calibration.dataset, "train", 5.0),
+             ("config.evaluation.dataset", config.evaluation.dataset, config.evaluation.split, 5.0)}
+    teachers = {}
+    for index, spec in enumerate(config.recover):
+        where = f"config.recover[{index}]"
+        for method in spec.methods:
+            settings = spec.for_method(method, where)
+            validation = settings["validation_file"]
+            reads.add((setting_key(spec, method, "dataset", where), settings["dataset"], "train",
+                       0.0 if validation else 5.0))  # the recipe's split: all of it trains beside a validation_file
+            if validation is not None:
+                reads.add((setting_key(spec, method, "validation_file", where), validation, "validation", 0.0))
+            if settings["distill_from"] not in (None, "dense"):
+                teachers[(settings["distill_from"], settings["distill_hidden_weight"] > 0)] = \
+                    setting_key(spec, method, "distill_from", where)
+    for key, source, split, percent in sorted(reads, key=str):
+        if resolve(source, key).kind != "local":
+            continue
+        try:
+            load_documents(source, split, validation_percent=percent, flag=key)
+        except UsageError as err:
+            raise UsageError(f"{key}: {err}") from err
+    options = LoadOptions(trust_remote_code=config.trust_remote_code)
+    student_tokenizer = load_tokenizer(config.model, options) if teachers else None
+    for (teacher, hidden), key in teachers.items():
+        settings = DistillSettings(teacher=teacher, hidden_weight=1.0 if hidden else 0.0)
+        try:
+            check_teacher(teacher, config.model, settings, options, student_tokenizer)
+        except UsageError as err:  # its messages name the recover flag: here the config key stands first
+            raise UsageError(f"{key}: {str(err).replace('--distill_from ', '', 1)}") from err

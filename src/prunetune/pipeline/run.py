@@ -17,7 +17,7 @@ from pathlib import Path
 from prunetune.errors import UsageError
 from prunetune.outputs import write_json
 from prunetune.pipeline import layer_error
-from prunetune.pipeline.checks import check_model_shapes
+from prunetune.pipeline.checks import check_inputs, check_model_shapes
 from prunetune.pipeline.config import PipelineConfig, PruneSpec, RecoverySpec
 from prunetune.pipeline.fingerprints import FingerprintCache, data_identity, model_identity
 from prunetune.pipeline.recovery import hashed_settings, recovery_arguments, recovery_dtype, run_recovery
@@ -176,8 +176,9 @@ class Pipeline:
 
     # ---- checks before any work
     def check(self) -> None:
-        """Everything the model's config reveals, before any stage runs (see :func:`checks.check_model_shapes`)."""
+        """Everything the model's config and the inputs reveal, before any stage runs (see :mod:`checks`)."""
         self._gram_bytes = check_model_shapes(self.config)
+        check_inputs(self.config)
         spec = self.config.evaluation
         if spec.tasks:  # every task loads (its data found) before any stage runs, not after the dense perplexity
             from prunetune.zeroshot import TaskCatalog
