@@ -93,6 +93,44 @@ def test_prune_without_reachable_default_data_notes_it_and_prunes(tmp_path, caps
     corpus.write_text("\n".join(f"line {i}: " + "abcdefghij" * 8 for i in range(200)))
     assert main(["prune", "--model", str(tmp_path / "model"), "--prune_method", "wanda", "--calib_dataset", str(corpus),
                  "--nsamples", "2", "--seqlen", "32", "--device", "cpu", "--save", str(tmp_path / "out")]) == 0
-    out = " ".join(capsys.readouterr().out.split())
-    assert "perplexity not measured: the default evaluation data wikitext2" in out and "--eval_dataset" in out
+    captured = capsys.readouterr()
+    out, err = " ".join(captured.out.split()), " ".join(captured.err.split())
+    assert "perplexity not measured: the default evaluation data wikitext2" in err and "--eval_dataset" in err
+    assert "perplexity not measured" not in out  # the explanation is in one place: stderr
     assert "sparsity 0.5000" in out and (tmp_path / "out" / "prune_report.json").exists()
+
+
+def _forbid(monkeypatch, module, name, what):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{what} before the data was checked")
+
+    monkeypatch.setattr(module, name, refuse)
+
+
+def test_unavailable_default_calibration_data_is_refused_before_any_weights_load(tmp_path, capsys, monkeypatch):
+    """No data flags on a model not made from tiny: the default C4, offline and uncached, is refused first."""
+    import prunetune.loading
+    from factories import save_model_folder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-home" / "datasets"))
+    save_model_folder(tmp_path / "model", "llama")
+    _forbid(monkeypatch, prunetune.loading, "load_model", "the weights loaded")
+    assert main(["prune", "--model", str(tmp_path / "model"), "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # one message, on stderr
+    assert captured.err.startswith("prunetune: error: --calib_dataset c4: this dataset comes from the Hugging Face Hub")
+    assert "perplexity not measured" not in captured.err
+
+
+def test_too_little_calibration_text_is_refused_before_the_perplexity_pass(tmp_path, capsys, monkeypatch):
+    import prunetune.evaluate
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"line {i}: " + "abcdefghij" * 4 for i in range(50)))
+    _forbid(monkeypatch, prunetune.evaluate, "evaluate_dataset", "the perplexity pass ran")
+    assert main(["prune", "--model", "tiny", "--calib_dataset", str(corpus), "--eval_dataset", "builtin", "--nsamples",
+                 "500", "--seqlen", "64", "--device", "cpu", "--save", str(tmp_path / "out")]) == 2
+    assert "Calibration asks for 500 x 64 = 32000 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -9,18 +9,21 @@ Accepts the Wanda repository's flags (``--model --prune_method --sparsity_ratio
 Like Wanda's main.py, it measures perplexity before and after pruning (on WikiText-2, or on
 builtin for the bundled model and models made from it); --eval_dataset none skips it.
 
-Everything is validated before the model is loaded; the layer shapes (N:M divisibility)
-right after, before any calibration work.
+Everything is validated before the model is loaded, the data included (a hub dataset that
+cannot be had offline is refused before any weights load); the layer shapes (N:M divisibility)
+and the calibration size (--nsamples x --seqlen tokens) right after, before any evaluation or
+calibration work.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from prunetune.commands.common import DEFAULT_DATA_HELP, CommandParser, add_model_arguments, default_data, load_options
-from prunetune.data import describe_sources
-from prunetune.errors import require
+from prunetune.data import calibration_samples, describe_sources, load_documents, resolve
+from prunetune.errors import UsageError, require
 
 logger = logging.getLogger(__name__)
 
@@ -143,20 +146,44 @@ def _perplexity(model, tokenizer, args, seqlen: int, when: str):
                             cache_dir=args.cache_dir, flag="--eval_dataset", desc=f"perplexity {when}")
 
 
-def _perplexity_before(model, tokenizer, args, seqlen: int):
-    """The perplexity before pruning; when the default data cannot be had (a hub dataset offline), a note
-    instead, and no evaluation: a perplexity the user did not ask for must not cost them the pruning."""
-    from prunetune.errors import UsageError
+def _needs_calibration(config) -> bool:
+    return bool(getattr(config, "needs_calibration", config.pruner.needs_calibration))
 
+
+def _check_data(args: argparse.Namespace, config) -> None:
+    """Read the calibration and evaluation text before any weights load: a hub dataset that cannot be had
+    here (offline, not cached) is refused at once. When only the *default* evaluation data cannot be had,
+    one note on stderr, and no evaluation: a perplexity the user did not ask for must not cost them the pruning."""
+    if _needs_calibration(config) and config.calibration_ids is None:
+        load_documents(config.calib_dataset, "train", config.cache_dir, flag="--calib_dataset")
+    if not args.eval_dataset:
+        return
+    protocol = resolve(args.eval_dataset, "--eval_dataset").protocol
+    split = protocol.eval_split if protocol is not None and protocol.eval_split else EVAL_SPLIT
     try:
-        return _perplexity(model, tokenizer, args, seqlen, "before")
+        load_documents(args.eval_dataset, split, args.cache_dir, flag="--eval_dataset")
     except UsageError as err:
         if not args.eval_defaulted:
             raise
-        print(f"note: perplexity not measured: the default evaluation data {args.eval_dataset} cannot be used here "
-              f"({' '.join(str(err).split())}) Give --eval_dataset (e.g. a local text file), or --eval_dataset none.")
+        print(f"prunetune: note: perplexity not measured: the default evaluation data {args.eval_dataset} cannot be "
+              f"used here ({' '.join(str(err).split())}) Give --eval_dataset (e.g. a local text file), or "
+              "--eval_dataset none.", file=sys.stderr)
         args.eval_dataset = None
-        return None
+
+
+def _check_calibration_size(tokenizer, config, seqlen: int) -> None:
+    """Enough calibration text for --nsamples x --seqlen tokens, before the perplexity pass and the pruning.
+
+    Draws the windows once (the tokenized text is cached on disk, so pruning reads it back). C4's sampler
+    looks for documents longer than seqlen instead, and its train shard always holds them: not drawn twice.
+    """
+    if not _needs_calibration(config) or config.calibration_ids is not None:
+        return
+    protocol = resolve(config.calib_dataset, "--calib_dataset").protocol
+    if protocol is not None and protocol.documents_for_calibration:
+        return
+    calibration_samples(tokenizer, config.calib_dataset, config.nsamples, seqlen, seed=config.seed,
+                        cache_dir=config.cache_dir, flag="--calib_dataset")
 
 
 def main(argv: list[str]) -> int:
@@ -180,11 +207,13 @@ def _run(args: argparse.Namespace, config) -> int:
     from prunetune.pruning.api import check_layers
 
     options = load_options(args)
+    _check_data(args, config)  # before any weights load
     tokenizer = load_tokenizer(args.model, options)
     model = load_model(args.model, options)
     check_layers(model, config)  # N:M divisibility, missing blocks: before any work
     eval_seqlen = config.seqlen or default_seqlen(model)
-    before = _perplexity_before(model, tokenizer, args, eval_seqlen) if args.eval_dataset else None
+    _check_calibration_size(tokenizer, config, eval_seqlen)  # before the perplexity pass
+    before = _perplexity(model, tokenizer, args, eval_seqlen, "before") if args.eval_dataset else None
 
     report = prune(model, tokenizer, config)
 
