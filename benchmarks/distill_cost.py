@@ -42,9 +42,9 @@ def measure(args) -> dict:
     torch.set_num_threads(1)
     from prunetune.loading import load_model
     from prunetune.memory import track_peak_memory
-    from prunetune.recover.args import RecoveryArguments
+    from prunetune.recipe.args import RecoveryArguments
     from prunetune.recover.distill import Distiller, DistillSettings
-    from prunetune.recover.recipe import SETUPS
+    from prunetune.recover.registry import SETUPS
 
     device = torch.device(args.device)
     weights = VARIANTS[args.variant]

@@ -62,9 +62,9 @@ def main() -> int:
     from prunetune.evaluate import evaluate_dataset
     from prunetune.export import merge_adapter
     from prunetune.loading import load_model, load_tokenizer
-    from prunetune.recover import recover
+    from prunetune.recipe import recover
     from prunetune.recover.adapter import apply_adapter
-    from prunetune.recover.args import DataArguments, ModelArguments, RecoveryArguments, RecoveryTrainingArguments
+    from prunetune.recipe.args import DataArguments, ModelArguments, RecoveryArguments, RecoveryTrainingArguments
 
     tokenizer = load_tokenizer(args.pruned)
 

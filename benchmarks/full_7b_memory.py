@@ -45,7 +45,7 @@ TINY = dict(model_type="llama", hidden_size=128, num_hidden_layers=2, intermedia
 def config_for(shape: str):
     from transformers import AutoConfig
 
-    from prunetune.recover.memory_estimate import KNOWN_SHAPES
+    from prunetune.recipe.memory_estimate import KNOWN_SHAPES
 
     values = dict(TINY if shape == "tiny" else KNOWN_SHAPES["meta-llama/Llama-2-7b-hf"])
     return AutoConfig.for_model(values.pop("model_type"), **values)
@@ -68,10 +68,11 @@ def run_section(name: str, args) -> dict:
 
     from prunetune.errors import UsageError
     from prunetune.modules import prunable_layers
-    from prunetune.recover.args import RecoveryArguments, RecoveryTrainingArguments
+    from prunetune.recipe.args import RecoveryArguments, RecoveryTrainingArguments
     from prunetune.recover.full import setup_full
-    from prunetune.recover.memory_estimate import TrainingSetup, check_optimizer, estimate, shape_from_config
-    from prunetune.recover.recipe import make_trainer
+    from prunetune.recipe.memory_estimate import TrainingSetup, estimate, shape_from_config
+    from prunetune.recover.optimizers import check_optimizer
+    from prunetune.recipe.trainer import make_trainer
 
     choice = SETUPS[name]
     try:

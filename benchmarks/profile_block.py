@@ -96,7 +96,7 @@ def profile_pruning(args, device, budget_end: float) -> list[dict]:
 def profile_training(args, device, budget_end: float) -> list[dict]:
     from recover_bench import batches, build_model
 
-    from prunetune.recover.args import RecoveryArguments
+    from prunetune.recipe.args import RecoveryArguments
     from prunetune.recover.lora import setup_lora, setup_masked_lora
 
     shape = "cpu-small" if args.smoke else "llama2-7b"

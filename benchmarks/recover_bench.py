@@ -145,8 +145,8 @@ def trainer_run(setup, device, data, warmup: int, batch: int, model=None, **trai
     from transformers import Trainer, TrainerCallback, default_data_collator
 
     from prunetune.data import BlockDataset
-    from prunetune.recover.args import RecoveryTrainingArguments
-    from prunetune.recover.recipe import make_trainer
+    from prunetune.recipe.args import RecoveryTrainingArguments
+    from prunetune.recipe.trainer import make_trainer
 
     timing = {}
 
@@ -178,7 +178,7 @@ def trainer_run(setup, device, data, warmup: int, batch: int, model=None, **trai
 def lora_cases(model, device, data, warmup, batch):
     from peft import LoraConfig, get_peft_model
 
-    from prunetune.recover.args import RecoveryArguments
+    from prunetune.recipe.args import RecoveryArguments
     from prunetune.recover.lora import setup_lora, setup_masked_lora
     from prunetune.recover.masked_lora import MaskedLoraConfig
 
@@ -215,7 +215,7 @@ def lora_cases(model, device, data, warmup, batch):
 
 def full_cases(model, device, data, warmup, batch):
     from prunetune.masks import MaskSet
-    from prunetune.recover.args import RecoveryArguments
+    from prunetune.recipe.args import RecoveryArguments
     from prunetune.recover.full import KEPT_BUFFER, MaskEnforcer, setup_full
 
     pristine = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

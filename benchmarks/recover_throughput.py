@@ -213,7 +213,7 @@ def decoder_blocks(model):
 def adapter_case(model, device, data, warmup, batch, method: str, targets: str, fused_loss=None, compile_blocks=False,
                  **training):
     """Seconds of ``prunetune recover --recovery_method method`` on ``model`` (adapter unloaded afterwards)."""
-    from prunetune.recover.args import RecoveryArguments
+    from prunetune.recipe.args import RecoveryArguments
     from prunetune.recover.lora import setup_lora, setup_masked_lora
 
     if fused_loss is not None:
@@ -276,7 +276,7 @@ class FullCases:
         return trainer_run(None, device, data, warmup, batch, model=self.model)
 
     def masked(self, device, data, warmup, batch):
-        from prunetune.recover.args import RecoveryArguments
+        from prunetune.recipe.args import RecoveryArguments
         from prunetune.recover.full import setup_full
 
         self.fresh()

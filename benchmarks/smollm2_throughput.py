@@ -120,13 +120,13 @@ def _synchronize(device: str) -> None:
 
 def recover_steps(args, pruned_dir: Path, method: str, output_dir: Path) -> dict:
     """Train ``args.steps`` steps with the recipe; tokens/s of the steps after the first."""
-    from prunetune.recover.args import (
+    from prunetune.recipe.args import (
         DataArguments,
         ModelArguments,
         RecoveryArguments,
         RecoveryTrainingArguments,
     )
-    from prunetune.recover.recipe import recover
+    from prunetune.recipe import recover
 
     timer = StepTimer(args.device)
     model_args = ModelArguments(model_name_or_path=str(pruned_dir), dtype="float32")

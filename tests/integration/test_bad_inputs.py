@@ -194,7 +194,7 @@ def _recovery_assets(root):
     """A pruned model, its masked adapter (whole, truncated, unfinished), a full run's checkpoint, an unfinished model."""
 
     from prunetune.outputs import write_json
-    from prunetune.recover.args import RecoveryArguments
+    from prunetune.recipe.args import RecoveryArguments
     from prunetune.recover.lora import setup_masked_lora
 
     model = make_model("llama")
@@ -279,7 +279,7 @@ def _api_calls():
     from prunetune.config import from_mapping
     from prunetune.loading import check_device, load_model
     from prunetune.pipeline import PipelineConfig
-    from prunetune.recover.args import RecoveryArguments, RecoveryTrainingArguments
+    from prunetune.recipe.args import RecoveryArguments, RecoveryTrainingArguments
 
     cyclic: list = []
     cyclic.append(cyclic)

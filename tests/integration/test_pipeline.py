@@ -195,7 +195,7 @@ def test_a_recipe_whose_trainer_cannot_evaluate_trains_without_the_curve(small_s
     """eval_steps with a recipe that gives its Trainer no held-out data: a warning, training as before, no curve."""
     import logging
 
-    import prunetune.recover.recipe as recipe
+    import prunetune.recipe as recipe
 
     real, calls = recipe.recover, []
 

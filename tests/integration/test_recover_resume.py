@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from prunetune.commands.recover import parse
 from prunetune.masks import MaskSet
 from prunetune.recover.callbacks import TrainingStopped
-from prunetune.recover.recipe import recover
+from prunetune.recipe import recover
 
 
 

@@ -32,7 +32,7 @@ def workspace(tmp_path_factory):
     from prunetune.loading import load_model, load_tokenizer
     from prunetune.outputs import save_model_dir, write_json
     from prunetune.recover.adapter import apply_adapter
-    from prunetune.recover.args import RecoveryArguments
+    from prunetune.recipe.args import RecoveryArguments
     from prunetune.recover.lora import setup_masked_lora
 
     root = tmp_path_factory.mktemp("zeroshot")

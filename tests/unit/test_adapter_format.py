@@ -16,7 +16,7 @@ from test_masked_lora import pruned_model
 from prunetune.export import merge_adapter
 from prunetune.modules import prunable_layers
 from prunetune.recover.adapter import apply_adapter
-from prunetune.recover.args import RecoveryArguments
+from prunetune.recipe.args import RecoveryArguments
 from prunetune.recover.lora import build_lora_config
 from prunetune.recover.masked_lora import MaskedLoraLinear
 
@@ -133,7 +133,7 @@ def workspace(tmp_path_factory):
 
 def run(ws, out, *extra, callbacks=None):
     from prunetune.commands.recover import parse
-    from prunetune.recover.recipe import recover
+    from prunetune.recipe import recover
 
     argv = ["--model_name_or_path", str(ws / "pruned"), "--dataset_name", str(ws / "text.txt"), "--block_size", "32",
             "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--recovery_method", "masked_lora",

@@ -22,7 +22,7 @@ from prunetune.masks import layer_digests, mask_digest, mask_digests, pack_kept,
 from prunetune.modules import prunable_layers, weight_matrix
 from prunetune.outputs import MANIFEST_NAME, read_manifest, write_json
 from prunetune.recover.adapter import apply_adapter, check_base_manifest
-from prunetune.recover.args import RecoveryArguments
+from prunetune.recipe.args import RecoveryArguments
 from prunetune.recover.base import FrozenBaseCheck
 from prunetune.recover.lora import setup_masked_lora
 

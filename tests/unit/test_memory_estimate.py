@@ -11,7 +11,7 @@ from factories import make_model, prune_half_rows, random_tokens
 from prunetune.cli import main
 from prunetune.errors import UsageError
 from prunetune.masks import MaskSet
-from prunetune.recover.memory_estimate import (
+from prunetune.recipe.memory_estimate import (
     GB,
     KNOWN_SHAPES,
     TrainingSetup,
@@ -182,7 +182,7 @@ def test_bad_dry_run_input_exits_2(capsys, extra, message):
 
 def test_recover_refuses_memory_estimate_from_python():
     from prunetune.commands.recover import parse
-    from prunetune.recover.recipe import recover
+    from prunetune.recipe import recover
 
     parsed = parse(["--model_name_or_path", LLAMA2_7B, "--recovery_method", "full", "--memory_estimate",
                     "--output_dir", "unused"])

@@ -18,9 +18,10 @@ from transformers import Trainer
 
 from prunetune.errors import UsageError
 from prunetune.masks import MaskSet, measure_sparsity
-from prunetune.recover.args import RecoveryTrainingArguments
+from prunetune.recipe.args import RecoveryTrainingArguments
 from prunetune.recover.full import MaskCallback, MaskEnforcer
-from prunetune.recover.memory_estimate import OPTIMIZERS, RECOMMENDED, check_optimizer
+from prunetune.recipe.memory_estimate import RECOMMENDED
+from prunetune.recover.optimizers import OPTIMIZERS, check_optimizer
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 # README "Several GPUs" / --memory_estimate: the default, its foreach twin, the 8-bit ones, and the light ones.

@@ -195,7 +195,7 @@ def test_torch_dtype_equal_to_dtype_is_fine(tmp_path):
 
 def test_max_steps_zero_is_a_clear_error_and_one_step_is_singular(tmp_path):
     from prunetune.commands.recover import summary
-    from prunetune.recover.recipe import RecoveryResult
+    from prunetune.recipe import RecoveryResult
 
     with pytest.raises(UsageError, match="--max_steps 0 is not accepted: the Trainer would read it as no limit and train "
                                          "--num_train_epochs 3 epochs"):

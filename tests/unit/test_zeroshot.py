@@ -225,7 +225,7 @@ def test_a_masked_adapter_is_scored_masked(tiny, task_dir):
     from prunetune.export import merge_adapter
     from prunetune.loading import load_model
     from prunetune.modules import prunable_layers
-    from prunetune.recover.args import RecoveryArguments
+    from prunetune.recipe.args import RecoveryArguments
     from prunetune.recover.lora import setup_masked_lora
 
     _, tokenizer = tiny

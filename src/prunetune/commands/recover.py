@@ -23,7 +23,20 @@ import types
 import typing
 from typing import Union, get_args, get_origin
 
+from prunetune import recipe
+from prunetune.cli import configure_logging, progress_bars
+from prunetune.config import load_mapping
 from prunetune.errors import UsageError
+from prunetune.recipe.args import (
+    ARGUMENT_CLASSES,
+    RUN_CLM_ONLY,
+    TRAINER_OPTIONS,
+    DataArguments,
+    ModelArguments,
+    RecoveryArguments,
+    RecoveryTrainingArguments,
+)
+from prunetune.recipe.memory_estimate import report
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # Refinements of --memory_estimate, listed by --help-all only (--help stays a page).
@@ -61,7 +74,6 @@ run_clm.py's other flags work too: --torch_dtype (same as --dtype), --streaming;
 def build_parser():
     from transformers import HfArgumentParser
 
-    from prunetune.recover.args import ARGUMENT_CLASSES
 
     parser = HfArgumentParser(ARGUMENT_CLASSES, prog="prunetune recover", usage=USAGE, description=DESCRIPTION,
                               allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
@@ -85,15 +97,6 @@ class _HelpAll(argparse.Action):
 
 def help_groups(full: bool) -> list[tuple[str, list[str]]]:
     """(title, field names) of the help: prunetune's options first, then the Trainer's."""
-    from prunetune.recover.args import (
-        RUN_CLM_ONLY,
-        TRAINER_OPTIONS,
-        DataArguments,
-        ModelArguments,
-        RecoveryArguments,
-        RecoveryTrainingArguments,
-    )
-
     def names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls) if f.init and (full or f.name not in RUN_CLM_ONLY + HELP_ALL_ONLY)]
 
@@ -195,8 +198,6 @@ def parse(argv: list[str]):
     """
     parser = build_parser()
     if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES):
-        from prunetune.config import load_mapping
-
         mapping = load_mapping(argv[0])
         if isinstance(mapping, dict) and mapping.get("memory_estimate") is True and not mapping.get("output_dir"):
             mapping = {**mapping, "output_dir": DRY_RUN_OUTPUT}
@@ -369,15 +370,11 @@ QUIET = ("-q", "--quiet")
 
 
 def main(argv: list[str]) -> int:
-    from prunetune.cli import configure_logging, progress_bars
-
     if any(flag in QUIET for flag in argv):  # prunetune recover -q ..., as prunetune -q recover ...
         argv = [flag for flag in argv if flag not in QUIET]
         configure_logging(-1)
     model_args, data_args, recovery_args, training_args = parse(argv)
     if recovery_args.memory_estimate:  # a dry run: the shape only, no weights, no output folder
-        from prunetune.recover.memory_estimate import report
-
         bf16 = None if len(argv) == 1 and argv[0].endswith(CONFIG_SUFFIXES) else _flag_value(argv, ("--bf16",))
         print(report(model_args, data_args, recovery_args, training_args, bf16=bf16))
         return 0
@@ -385,10 +382,9 @@ def main(argv: list[str]) -> int:
         training_args.disable_tqdm = True
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from prunetune.recover.recipe import recover
 
     with logging_redirect_tqdm():  # log lines (-v) above the bars instead of through them
-        result = recover(model_args, data_args, recovery_args, training_args)
+        result = recipe.recover(model_args, data_args, recovery_args, training_args)
     if training_args.process_index == 0:
         print(summary(result))
     return 0

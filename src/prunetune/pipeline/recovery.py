@@ -1,4 +1,4 @@
-"""One recovery stage: train with :func:`prunetune.recover.recipe.recover`, evaluate, export, summarize.
+"""One recovery stage: train with :func:`prunetune.recipe.recover`, evaluate, export, summarize.
 
 The recovery recipe's Trainer writes ``trainer_state.json``; its ``log_history`` gives the
 training loss at every ``logging_steps`` and, with ``eval_steps``, the held-out loss at step 0
@@ -64,8 +64,8 @@ def tokens_per_step(settings: dict, world_size: int = 1) -> int:
 
 
 def recovery_arguments(pipeline, train_dir: Path, pruned_dir: Path, method: str, settings: dict) -> tuple:
-    """The four argument objects of :func:`prunetune.recover.recipe.recover` for one stage."""
-    from prunetune.recover.args import DataArguments, ModelArguments, RecoveryArguments, RecoveryTrainingArguments
+    """The four argument objects of :func:`prunetune.recipe.recover` for one stage."""
+    from prunetune.recipe.args import DataArguments, ModelArguments, RecoveryArguments, RecoveryTrainingArguments
 
     config = pipeline.config
     model_args = ModelArguments(model_name_or_path=str(pruned_dir), dtype=recovery_dtype(method, config.dtype),
@@ -163,7 +163,7 @@ def run_recovery(pipeline, directory: Path, pruned_dir: Path, method: str, setti
 def _train(pipeline, train_dir: Path, pruned_dir: Path, method: str, settings: dict):
     """(model arguments, the recipe's result, the held-out blocks callback or None when the Trainer did not evaluate)."""
     from prunetune.pipeline.held_out import HeldOutBlocks
-    from prunetune.recover.recipe import recover
+    from prunetune.recipe import recover
 
     if settings["eval_steps"] and not pipeline.trainer_cannot_evaluate:
         held_out = HeldOutBlocks()
@@ -181,7 +181,7 @@ def _train(pipeline, train_dir: Path, pruned_dir: Path, method: str, settings: d
 
 
 def _recipe_results(train_dir: Path) -> dict:
-    from prunetune.recover.recipe import RESULTS_NAME
+    from prunetune.recipe import RESULTS_NAME
 
     path = train_dir / RESULTS_NAME
     return json.loads(path.read_text()) if path.exists() else {}

@@ -1,6 +1,7 @@
-"""Recovery after pruning: win back accuracy without giving up the sparsity.
+"""Recovery after pruning, the library: win back accuracy without giving up the sparsity.
 
-Three methods, one recipe (:func:`recover`, what ``prunetune recover`` runs):
+Three methods, one module each, by name in :mod:`.registry` (the recipe that runs them,
+``prunetune recover``, is :mod:`prunetune.recipe`):
 
 * ``lora`` (:mod:`.lora`): PEFT LoRA on the frozen pruned model; merging densifies.
 * ``masked_lora`` (:mod:`.masked_lora`): delta W = (B A) * M through PEFT's LoRA variant
@@ -14,7 +15,8 @@ through ``TrainingArguments`` untested for the adapter methods and refused for `
 (its masks need whole weights).
 
 Heavy modules load on first use, so ``from prunetune.recover.adapter import apply_adapter``
-(``prunetune eval --lora_weights``) does not import the Trainer.
+(``prunetune eval --lora_weights``) does not import the Trainer. ``recover`` and
+``RecoveryResult`` are the recipe's, named here for callers of ``prunetune.recover.recover``.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ import importlib
 __all__ = ["recover", "RecoveryResult", "SETUPS", "apply_adapter", "MaskedLoraConfig", "MaskEnforcer", "SparsityGuard"]
 
 _HOMES = {
-    "recover": "recipe", "RecoveryResult": "recipe", "SETUPS": "recipe",
-    "apply_adapter": "adapter", "MaskedLoraConfig": "masked_lora",
-    "MaskEnforcer": "full", "SparsityGuard": "callbacks",
+    "recover": "prunetune.recipe", "RecoveryResult": "prunetune.recipe", "SETUPS": f"{__name__}.registry",
+    "apply_adapter": f"{__name__}.adapter", "MaskedLoraConfig": f"{__name__}.masked_lora",
+    "MaskEnforcer": f"{__name__}.full", "SparsityGuard": f"{__name__}.callbacks",
 }
 
 
 def __getattr__(name: str):
     if name in _HOMES:
-        return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+        return getattr(importlib.import_module(_HOMES[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,6 +32,14 @@ from torch import nn
 
 from prunetune.masks import digest_packed, pack_kept, pack_layer, popcount, to_host, zero_counts, zero_fraction  # noqa: F401 (re-exported)
 from prunetune.modules import prunable_layers, weight_param_shape
+from prunetune.recover.sharding import (
+    is_sharded,
+    local,
+    shard_like,
+    sum_over_shards,
+    unpack_kept,
+    zero_fraction_over_ranks,
+)
 
 
 class SparsityCheck(Protocol):
@@ -92,8 +100,6 @@ class FrozenBaseCheck:
         Under FSDP2 each rank compares its weight slices with the same slices of the masks and
         the counts are summed over the ranks (the same result on every rank).
         """
-        from prunetune.recover.sharding import is_sharded, sum_over_shards
-
         revived = []
         for name, module in self.layers.items():
             if is_sharded(module.weight):
@@ -110,8 +116,6 @@ class FrozenBaseCheck:
 
     def _local_bits(self, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of the weight and of the construction-time mask, both packed, in the weight's layout."""
-        from prunetune.recover.sharding import local, shard_like, unpack_kept
-
         if name not in self._local_packed:  # once: cut the whole mask as the weight is cut
             whole = unpack_kept(self.packed[name], weight_param_shape(module))  # (out, in)
             whole = whole if isinstance(module, nn.Linear) else whole.t().contiguous()  # GPT-2 Conv1D: (in, out)
@@ -119,8 +123,6 @@ class FrozenBaseCheck:
         return pack_kept(local(module.weight.detach()) != 0), self._local_packed[name]
 
     def sparsity(self) -> float:
-        from prunetune.recover.sharding import is_sharded, zero_fraction_over_ranks
-
         if any(is_sharded(module.weight) for module in self.layers.values()):
             return zero_fraction_over_ranks(self.layers)
         return zero_fraction(self.layers)

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from prunetune.errors import UsageError
+from prunetune.outputs import write_json
 from prunetune.recover.base import SparsityCheck
 from prunetune.recover.sharding import all_ranks_true, local
 
@@ -116,8 +117,6 @@ class CheckpointMarker(TrainerCallback):
             return
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if folder.is_dir():
-            from prunetune.outputs import write_json
-
             write_json(folder / CHECKPOINT_MARKER, {**self.facts, "complete": True, "step": state.global_step,
                                                     "learning_rate": args.learning_rate})
 

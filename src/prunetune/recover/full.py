@@ -49,6 +49,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -57,8 +58,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from prunetune.errors import UsageError
 from prunetune.masks import MaskSet, pack_kept
-from prunetune.recover.args import RecoveryArguments
 from prunetune.recover.base import Setup, device_mask, zero_fraction
+from prunetune.recover.optimizers import ZERO_PRESERVING
 from prunetune.recover.sharding import (
     is_sharded,
     local,
@@ -69,12 +70,13 @@ from prunetune.recover.sharding import (
     zero_fraction_over_ranks,
 )
 
+if TYPE_CHECKING:  # the recipe's arguments; a method reads only its own fields
+    from prunetune.recipe.args import RecoveryArguments
+
 logger = logging.getLogger(__name__)
 
 MASKS_NAME = "masks.safetensors"
 KEPT_BUFFER = "prunetune_kept_mask"  # True / 1 = kept; bool on CUDA, the weight's dtype on CPU (device_mask)
-# Optimizers whose update is exactly zero where gradient, moment state and weight are zero.
-ZERO_PRESERVING = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 
 
 def _storage(module: nn.Module, mask: torch.Tensor) -> torch.Tensor:

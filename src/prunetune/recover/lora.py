@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peft import get_peft_model
 from torch import nn
 
 from prunetune.errors import UsageError
 from prunetune.modules import find_decoder_blocks, prunable_layers
-from prunetune.recover.args import RecoveryArguments
 from prunetune.recover.base import (
     FrozenBaseCheck,
     RecoveryLoraConfig,
@@ -29,6 +29,9 @@ from prunetune.recover.base import (
     base_layers,
 )
 from prunetune.recover.masked_lora import MaskedLoraConfig
+
+if TYPE_CHECKING:  # the recipe's arguments; a method reads only its own fields
+    from prunetune.recipe.args import RecoveryArguments
 
 logger = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ import torch
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from prunetune.errors import UsageError
+from prunetune.recover.optimizers import OPTIMIZERS, optimizer_name
 
 logger = logging.getLogger(__name__)
 
@@ -213,9 +214,7 @@ def check_sharding(method: str, training_args) -> None:
             f"FSDP state_dict_type {state_dict}: the recovered model or adapter is written as one whole folder "
             "(prunetune merge / eval read it), which needs state_dict_type FULL_STATE_DICT (the Trainer's default for "
             "--fsdp).")
-    from prunetune.recover.memory_estimate import OPTIMIZERS
-
-    optim = str(getattr(training_args.optim, "value", training_args.optim))
+    optim = optimizer_name(training_args)
     if optim in OPTIMIZERS and OPTIMIZERS[optim].bitsandbytes:
         raise UsageError(
             f"--optim {optim} under FSDP: bitsandbytes' optimizers step plain tensors and fail on FSDP2's sharded "
