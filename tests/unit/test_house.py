@@ -209,3 +209,32 @@ def test_user_facing_text_names_no_machine_path_or_session(file):
            for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1)
            if paths.search(line) or WORDING.search(line)]
     assert not bad, "user-facing text names a path of this machine, a session or an issue number:\n" + "\n".join(bad)
+
+
+# --------------------------------------------------------------------------- dependencies
+
+
+# import name -> distribution name, where they differ
+DISTRIBUTIONS = {"yaml": "pyyaml", "lm_eval": "lm-eval", "huggingface_hub": "huggingface-hub"}
+
+
+def _declared() -> set[str]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    requirements = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    return {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+
+def test_every_third_party_import_is_declared():
+    import sys
+
+    imported = {}
+    for file in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and not node.level and node.module else []
+            for top in {name.split(".")[0] for name in names} - set(sys.stdlib_module_names) - {"prunetune"}:
+                imported.setdefault(DISTRIBUTIONS.get(top, top).replace("_", "-"), str(file.relative_to(ROOT)))
+    missing = {dist: where for dist, where in imported.items() if dist not in _declared()}
+    assert not missing, f"imported but not declared in pyproject.toml (dependencies or an extra): {missing}"
