@@ -72,8 +72,32 @@ def _hub_failure(what: str, name: str, path: str, options: LoadOptions, err: Exc
     from prunetune.hub import offline_error, offline_reason
 
     if not Path(path).is_dir() and offline_reason() is not None:
-        return offline_error(what, name, options.flag)
-    return UsageError(_load_failure(what, name, err))
+        failure = offline_error(what, name, options.flag)
+    else:
+        failure = UsageError(_load_failure(what, name, err))
+    if _path_like(name) and not Path(name).expanduser().exists():  # a mistyped folder reads as an org/name hub id
+        failure = str(failure).removeprefix(f"{options.flag} {name}: ")
+        return UsageError(f"{options.flag} {name}: there is no local folder {name!r} (no such file or folder here), "
+                          f"so it was taken for a Hugging Face Hub id, and that failed too. Check the path (an absolute "
+                          f"path or ./ removes the doubt). As a Hub id: {failure}")
+    return failure
+
+
+def _path_like(name: str) -> bool:
+    """Has a path separator or starts with . / ~: what a user may have meant as a local path."""
+    return "/" in name or "\\" in name or name.startswith((".", "~"))
+
+
+def _valid_repo_id(name: str) -> bool:
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # pragma: no cover - transformers requires huggingface_hub
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -112,7 +136,7 @@ def resolve_model_path(name_or_path: str) -> str:
     # A hub id is "name" or "org/name"; anything else that does not exist is a bad path.
     from prunetune.hub import looks_like_path
 
-    if looks_like_path(name_or_path) or gguf.is_gguf(name_or_path):
+    if looks_like_path(name_or_path) or gguf.is_gguf(name_or_path) or (_path_like(name_or_path) and not _valid_repo_id(name_or_path)):
         raise UsageError(f"Model path {name_or_path!r} does not exist. Give an existing model folder or .gguf file, a hub "
                          "id such as meta-llama/Llama-2-7b-hf, 'tiny' for the bundled model, or one of the named models: "
                          f"{', '.join(gguf.PACKAGED)}.")

@@ -87,3 +87,17 @@ def test_a_failed_probe_does_not_stick_for_the_process(monkeypatch):
     clock[0] += 3600  # an hour later, in the same process (a notebook, a pipeline)
     assert hub.offline_reason() is None
     assert len(connections) == 2
+
+
+def test_a_mistyped_relative_folder_is_named_as_missing_not_only_as_a_hub_problem(tmp_path, monkeypatch):
+    """`--model work/smol-wanda5` from a folder without work/: an org/name hub id by shape, a path by intent."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for load in (load_tokenizer, load_model):
+        with pytest.raises(UsageError, match=r"--model work/smol-wanda5: there is no local folder 'work/smol-wanda5' "
+                                             r"\(no such file or folder here\)"):
+            load("work/smol-wanda5", LoadOptions())
+    # not a valid hub id either: only the missing path is the answer
+    with pytest.raises(UsageError, match="Model path 'work/smol wanda5' does not exist"):
+        resolve_model_path("work/smol wanda5")
+    assert resolve_model_path("someorg/somemodel") == "someorg/somemodel"  # hub ids still pass through
