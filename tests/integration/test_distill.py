@@ -296,3 +296,56 @@ def test_accumulated_micro_batches_give_the_loss_of_one_batch(workspace, tmp_pat
         assert main(args) == 0
         losses.append(json.loads((out / "recovery.json").read_text())["train_loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+# ---- teachers that teach nothing useful: the student itself, another pruned model
+
+
+@pytest.mark.parametrize("where", ["same folder", "copy"])
+def test_the_student_itself_is_refused_as_its_teacher(workspace, tmp_path, capsys, monkeypatch, where):  # noqa: F811
+    """Its losses would start at about 0 and nothing would be learned, with exit 0: refused before any work."""
+    import shutil
+
+    from prunetune import loading
+
+    teacher = workspace / "pruned"
+    if where == "copy":  # another folder, the same weight files
+        teacher = tmp_path / "copy"
+        shutil.copytree(workspace / "pruned", teacher)
+    loads = []
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: loads.append(a))
+    args = _args(workspace, "masked_lora", tmp_path / "out")
+    args[args.index("--distill_from") + 1] = str(teacher)
+    assert main(args) == 2
+    err = " ".join(capsys.readouterr().err.split())  # the CLI wraps long messages
+    assert "is the student itself" in err and str(teacher) in err and "Traceback" not in err
+    assert ("same weights" in err) == (where == "copy")
+    assert not loads and not (tmp_path / "out").exists()
+
+
+def test_a_pruned_teacher_is_warned_about_and_its_sparsity_described(workspace, tmp_path, caplog):  # noqa: F811
+    from prunetune.loading import LoadOptions
+    from prunetune.recover.distill import check_teacher, describe_teacher, load_teacher
+
+    teacher = tmp_path / "other_pruned"  # pruned, but not the student: allowed, loudly
+    prune_half_rows(make_model("llama", seed=1)).save_pretrained(teacher)
+    make_tokenizer().save_pretrained(teacher)
+    described = {}
+    for name, folder in (("pruned", teacher), ("dense", workspace / "dense")):
+        settings = DistillSettings(teacher=str(folder), ce_weight=0.5, kl_weight=1.0, hidden_weight=0.0, temperature=2.0)
+        check_teacher(settings.teacher, str(workspace / "pruned"), settings, LoadOptions(), make_tokenizer())
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="prunetune"):
+            model = load_teacher(settings, LoadOptions(), "cpu")
+        warned = [r.getMessage() for r in caplog.records if "is itself pruned" in r.getMessage()]
+        assert len(warned) == (name == "pruned") and all("50.0%" in w and str(folder) in w for w in warned)
+        described[name] = describe_teacher(settings, model)
+    files = sorted(teacher.glob("*.safetensors"))
+    expected = hashlib.sha256(b"".join(f"{f.name}\0{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode()
+                                       for f in files)).hexdigest()
+    assert described["pruned"] == {
+        "teacher": str(teacher), "path": str(teacher.resolve()), "weights_sha256": expected, "sparsity": 0.5,
+        "pruned": True, "dtype": "float32", "bytes": described["pruned"]["bytes"],
+        "loss_weights": {"ce": 0.5, "kl": 1.0, "hidden": 0.0}, "temperature": 2.0}
+    assert described["dense"]["sparsity"] == 0.0 and not described["dense"]["pruned"]
+    assert described["dense"]["weights_sha256"] != expected

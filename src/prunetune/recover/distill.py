@@ -35,6 +35,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
 from prunetune.errors import UsageError
+# the teacher: checked before any work, loaded frozen, described for the results (re-exported from here)
+from prunetune.recover.teacher import check_teacher, describe_teacher, load_teacher, model_bytes  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -56,63 +58,6 @@ class DistillSettings:
     @property
     def matches_hidden(self) -> bool:
         return self.hidden_weight > 0
-
-
-# ---- checks before any work
-
-
-def check_teacher(teacher: str, student: str, settings: DistillSettings, options, student_tokenizer) -> None:
-    """Refuse a teacher the student cannot be distilled from, from configs and tokenizers alone
-    (``student_tokenizer``: the one the recovery trains with, already loaded).
-
-    Raises:
-        UsageError: naming the first mismatch: model type, vocabulary size, tokenizer vocabulary,
-            and (for hidden-state matching) block count and hidden size.
-    """
-    from prunetune.loading import load_config, load_tokenizer
-
-    teacher_config = load_config(teacher, options)
-    student_config = load_config(student, options)
-    what = f"--distill_from {teacher}"
-    pairs = [("model type", "model_type"), ("vocabulary size", "vocab_size")]
-    if settings.matches_hidden:
-        pairs += [("number of blocks", "num_hidden_layers"), ("hidden size", "hidden_size")]
-    for label, key in pairs:
-        mine, theirs = getattr(student_config, key, None), getattr(teacher_config, key, None)
-        if mine != theirs:
-            extra = (" Hidden-state matching (--distill_hidden_weight) pairs block l of the student with block l "
-                     "of the teacher; set it to 0 to distill logits only." if key in ("num_hidden_layers", "hidden_size") else "")
-            raise UsageError(f"{what} cannot teach {student}: its {label} is {theirs!r}, the student's is {mine!r}. "
-                             f"The teacher must be the dense model the student was pruned from (same architecture, "
-                             f"vocabulary and tokenizer).{extra}")
-    student_vocab = student_tokenizer.get_vocab()
-    teacher_vocab = load_tokenizer(teacher, options).get_vocab()
-    if student_vocab != teacher_vocab:
-        differing = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=lambda item: item[1])
-        raise UsageError(f"{what} cannot teach {student}: their tokenizers differ ({len(teacher_vocab)} vs "
-                         f"{len(student_vocab)} tokens; first difference: {differing[0][0]!r} -> id {differing[0][1]}). "
-                         "The same token id must mean the same text for both models; use the dense model the student "
-                         "was pruned from as the teacher.")
-
-
-def load_teacher(settings: DistillSettings, options, device) -> nn.Module:
-    """The frozen teacher on ``device`` in ``settings.dtype`` (``auto``: the student's load dtype)."""
-    from dataclasses import replace
-
-    from prunetune.loading import load_model
-
-    if settings.dtype != "auto":
-        options = replace(options, dtype=settings.dtype)
-    teacher = load_model(settings.teacher, replace(options, flag="--distill_from"))
-    teacher.requires_grad_(False)
-    teacher.eval()
-    teacher.config.use_cache = False
-    return teacher.to(device)
-
-
-def model_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        b.numel() * b.element_size() for b in model.buffers())
 
 
 # ---- capturing what the losses compare
