@@ -2,7 +2,6 @@
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -13,13 +12,14 @@ from test_recover_cli import workspace  # noqa: F401  (module fixture)
 from prunetune.masks import MaskSet
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 @pytest.mark.parametrize("distill", [False, True])
 def test_full_under_ddp_keeps_masks_on_both_ranks(workspace, tmp_path, distill):  # noqa: F811
     """With --distill_from each rank loads its own teacher; the output layer, applied outside DDP's forward for the
     chunked losses, still has its gradients reduced (the masks and the logged KL show both ranks trained)."""
     out = tmp_path / "ddp"
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), "-m", "prunetune.cli",
+    # torch's launcher run by this interpreter: no PATH lookup, so the test never skips for want of `torchrun`
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29500 + os.getpid() % 1000), "-m", "prunetune.cli",
            "-v", "recover", "--model_name_or_path", str(workspace / "pruned"), "--dataset_name", str(workspace / "text.txt"),
            "--block_size", "32", "--per_device_train_batch_size", "2", "--max_steps", "3", "--learning_rate", "1e-3",
            "--weight_decay", "0.1", "--recovery_method", "full", "--save_strategy", "no", "--disable_tqdm", "true",

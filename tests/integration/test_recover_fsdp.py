@@ -25,7 +25,6 @@ from test_recover_cli import workspace  # noqa: F401  (module fixture)
 from prunetune.errors import UsageError
 from prunetune.masks import MaskSet
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 
 # accelerate enables FSDP only on GPUs and similar devices; this lets it shard on CPU (gloo) too.
 CPU_FSDP_DRIVER = '''
@@ -127,7 +126,9 @@ def _port() -> str:
 
 
 def torchrun(script: Path, *args, timeout=150):
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", _port(), str(script), *map(str, args)]
+    # torch's launcher run by this interpreter: no PATH lookup, so the test never skips for want of `torchrun`
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _port(), str(script),
+           *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
