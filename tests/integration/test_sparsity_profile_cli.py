@@ -82,3 +82,24 @@ def test_per_layer_sparsity_survives_full_recovery(corpus, tmp_path):
     recovered = measure_sparsity(load_model(str(out), LoadOptions())).per_module()
     assert recovered == pruned
     assert len(set(round(v, 3) for v in pruned.values())) > 2  # a non-uniform profile really was kept
+
+
+def test_pipeline_prune_entry_takes_the_profile(corpus, tmp_path, capsys):
+    import yaml
+
+    from prunetune.pipeline import load_config, run_pipeline
+
+    raw = {"title": "owl", "model": "tiny", "output_dir": str(tmp_path / "run"), "dtype": "float32", "device": "cpu",
+           "progress": False, "calibration": {"dataset": str(corpus), "nsamples": 4, "seqlen": 32},
+           "evaluation": {"dataset": str(corpus), "seqlen": 32, "max_windows": 2},
+           "prune": [{"method": "magnitude", "sparsity_ratio": 0.6, "sparsity_profile": "owl", "owl_lambda": 0.1}]}
+    result = run_pipeline(load_config(raw))
+    assert "prune magnitude 60% owl" in result.executed
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / "run").rglob("prunetune.json")]
+    profile = next(m["sparsity_profile"] for m in manifests if m.get("stage") == "prune")
+    assert profile["kind"] == "owl" and len(set(profile["block_ratios"].values())) > 1
+    bad = tmp_path / "bad.yaml"  # N:M with a profile: refused before any stage runs
+    bad.write_text(yaml.safe_dump({**raw, "output_dir": str(tmp_path / "bad"),
+                                   "prune": [{"method": "wanda", "sparsity_type": "2:4", "sparsity_profile": "owl"}]}))
+    assert main(["run", str(bad)]) == 2
+    assert "N:M" in capsys.readouterr().err and not (tmp_path / "bad").exists()

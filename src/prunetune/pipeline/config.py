@@ -79,6 +79,9 @@ class PruneSpec:
     sparsity_type: str = "unstructured"
     use_variant: bool = False
     true_sequential: bool = False  # one block forward; each layer sees the block as pruned so far
+    sparsity_profile: str | None = None  # uniform (None), owl, or a JSON/YAML file: block index or layer glob -> ratio
+    owl_m: float = 5.0  # OWL: outlier above this multiple of the block's mean Wanda score
+    owl_lambda: float = 0.08  # OWL: largest deviation of a block's ratio from sparsity_ratio
     name: str | None = None  # default: "<method>-<ratio|N:M>"
 
     def label(self) -> str:
@@ -90,6 +93,8 @@ class PruneSpec:
         else:
             structure = self.sparsity_type
         suffix = " (true sequential)" if self.true_sequential else ""
+        if self.sparsity_profile not in (None, "uniform"):
+            suffix = f" {Path(self.sparsity_profile).name}{suffix}"  # "wanda 70% owl", "wanda 70% alpha.yaml"
         return f"{self.method}{'-variant' if self.use_variant else ''} {structure}{suffix}"
 
 
@@ -240,7 +245,8 @@ class PipelineConfig:
         return PruneConfig(method=spec.method, sparsity_ratio=spec.sparsity_ratio, sparsity_type=spec.sparsity_type,
                            use_variant=spec.use_variant, nsamples=calibration.nsamples, seqlen=calibration.seqlen,
                            seed=calibration.seed, calib_dataset=calibration.dataset,
-                           true_sequential=spec.true_sequential, progress=self.progress)
+                           true_sequential=spec.true_sequential, progress=self.progress,
+                           sparsity_profile=spec.sparsity_profile, owl_m=spec.owl_m, owl_lambda=spec.owl_lambda)
 
     def stages_root(self) -> Path:
         output_dir = Path(self.output_dir).expanduser()

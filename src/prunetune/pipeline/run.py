@@ -233,11 +233,16 @@ class Pipeline:
         settings = asdict(spec)
         if not settings["true_sequential"]:  # off: hashed as before the option existed
             del settings["true_sequential"]
+        if settings["sparsity_profile"] in (None, "uniform"):  # uniform: hashed as before profiles existed
+            for key in ("sparsity_profile", "owl_m", "owl_lambda"):
+                del settings[key]
         config = self.config.prune_config(spec)
         inputs = {**self.base_inputs(), "prune": settings}
-        if config.pruner.needs_calibration:  # magnitude reads no data
+        if config.needs_calibration:  # magnitude reads no data (unless OWL measures outliers)
             inputs["calibration"] = asdict(self.config.calibration)
             inputs["calibration_data"] = self.identity("data", self.config.calibration.dataset)
+        if config.profile.source:  # a profile file: its content, not its name
+            inputs["sparsity_profile_file"] = self.fingerprints.file(Path(config.profile.source).expanduser())
 
         def work(directory: Path) -> dict:
             from prunetune.memory import track_peak_memory
