@@ -215,3 +215,11 @@ def test_wanda_variant_follows_the_layer_ratios():
     model, report = run("wanda", {}, 0.55, {0: 0.3, 3: 0.7}, use_variant=True)
     for name, (zeros, size) in zeros_and_sizes(model).items():  # the variant meets each layer's ratio to its tolerance
         assert zeros / size == pytest.approx(report.profile.layer_ratios[name], abs=0.02)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_true_sequential_prunes_each_layer_at_its_ratio(method):
+    model, report = run(method, {"blocksize": 16} if method == "sparsegpt" else {}, 0.55, "owl", owl_m=3.0,
+                        true_sequential=True)
+    for name, (zeros, size) in zeros_and_sizes(model).items():
+        assert zeros == int(report.profile.layer_ratios[name] * size + 1e-9)
