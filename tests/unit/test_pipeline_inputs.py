@@ -11,6 +11,7 @@ import shutil
 import time
 
 import pytest
+import yaml
 
 from prunetune.errors import UsageError
 from prunetune.loading import TINY_PATH
@@ -112,3 +113,25 @@ def test_a_device_this_machine_lacks_is_refused_before_any_stage_runs(inputs, tm
     with pytest.raises(UsageError, match=rf"config\.device {device!r}"):
         Pipeline(load_config(raw)).run()
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("output_dir", "{tmp}/a-file"),
+    ("output_dir", "{tmp}/a-file/run"),
+    ("stages_dir", "{tmp}/a-file"),
+    ("stages_dir", "{tmp}/a-file/stages"),
+    ("stages_dir", "../a-file/stages"),  # relative: taken from output_dir ({tmp}/run)
+])
+def test_an_output_folder_that_is_a_file_is_a_usage_error(inputs, tmp_path, monkeypatch, capsys, key, value):
+    from prunetune.cli import main
+
+    raw, _, _ = inputs
+    (tmp_path / "a-file").write_text("not a folder")
+    raw[key] = value.format(tmp=tmp_path)
+    _no_stage_runs(monkeypatch)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(config)]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # the CLI wraps its message
+    assert f"{key} " in err and "is a file" in err and "Traceback" not in err
+    assert (tmp_path / "a-file").read_text() == "not a folder"

@@ -49,14 +49,17 @@ def _skeleton(config: PipelineConfig):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from prunetune.loading import LoadOptions, _load_failure, load_config
+    from prunetune.loading import LoadOptions, load_config
 
     model_config = load_config(config.model, LoadOptions(trust_remote_code=config.trust_remote_code, flag="config.model"))
     try:  # a GGUF file's config comes from its metadata
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UsageError(f"config.model: {_load_failure('model config', config.model, err)}") from err
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"config.model: could not build the model {config.model!r} from its config: {first_line}. "
+                         "Give a Hugging Face model folder (config.json + safetensors weights + tokenizer files), a "
+                         "GGUF file, or 'tiny' for the bundled model.") from err
 
 
 def check_inputs(config: PipelineConfig) -> None:
@@ -101,7 +104,9 @@ def check_inputs(config: PipelineConfig) -> None:
     student_tokenizer = load_tokenizer(config.model, options) if teachers else None
     for (teacher, hidden), key in teachers.items():
         settings = DistillSettings(teacher=teacher, hidden_weight=1.0 if hidden else 0.0)
-        try:
+        try:  # the student is a pruned copy of config.model, made later: compared with config.model itself
             check_teacher(teacher, config.model, settings, options, student_tokenizer)
         except UsageError as err:  # its messages name the recover flag: here the config key stands first
+            if str(err).startswith(f"--distill_from {teacher} is the student itself"):
+                continue  # the dense model (or a copy of it): the teacher the pipeline's "dense" names too
             raise UsageError(f"{key}: {str(err).replace('--distill_from ', '', 1)}") from err

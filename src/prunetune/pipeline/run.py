@@ -293,6 +293,14 @@ class Pipeline:
         from prunetune.outputs import check_output_dir
 
         root = self.root
+        stages_key = "stages_dir" if self.config.stages_dir is not None else "output_dir"
+        for key, folder in (("output_dir", root), (stages_key, self.config.stages_root())):
+            folder = Path(os.path.normpath(folder.absolute()))  # as the locks take it: "run/../x" is x
+            existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+            if not existing.is_dir():  # mkdir would fail with a traceback after the checks
+                raise UsageError(f"{key} {self.config.stages_dir if key == 'stages_dir' else self.config.output_dir}: "
+                                 f"{existing} is a file, not a folder; choose a new folder, an empty one, or the "
+                                 "folder of an earlier run of this pipeline.")
         if root.is_dir() and any(root.iterdir()) and not (root / RESOLVED_CONFIG).is_file():
             raise UsageError(f"output_dir {root} is not empty and holds no earlier pipeline run (no {RESOLVED_CONFIG}); "
                              "choose a new folder. A pipeline folder is reused (finished stages are kept), never replaced.")
