@@ -131,6 +131,33 @@ def require_gguf_package(path: str | Path) -> None:
         )
 
 
+def check_coverage(name: str, path: str | Path, model, missing) -> None:
+    """Refuse a GGUF file that lacks tensors the model needs.
+
+    transformers leaves a parameter the file does not hold at its fresh initialization (random or
+    zeros) and only warns, so a file without, say, Qwen2's attention biases loads and scores far
+    worse than the model it claims to be.
+
+    Args:
+        missing: the ``missing_keys`` of ``from_pretrained(..., output_loading_info=True)``.
+
+    Raises:
+        UsageError: naming the missing tensors (transformers' names) and how many there are.
+    """
+    missing = sorted(missing)
+    if not missing:
+        return
+    total = sum(1 for _ in model.state_dict())
+    shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+    where = f"{name!r}" if str(name) == str(path) else f"{name!r} ({path})"
+    raise UsageError(
+        f"The GGUF model {where} does not hold {len(missing)} of the {total} tensors its {type(model).__name__} needs: "
+        f"{shown}. Loaded anyway they would keep random or zero values, and every result would be wrong. The file is "
+        "incomplete or was converted by a tool that left them out: convert the model again (llama.cpp's "
+        "convert_hf_to_gguf.py), or give its safetensors model folder."
+    )
+
+
 def split_path(path: str | Path) -> tuple[str, str]:
     """``(folder, file name)``: transformers takes a GGUF as ``from_pretrained(folder, gguf_file=name)``."""
     path = Path(path).expanduser()

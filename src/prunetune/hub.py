@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 from prunetune.errors import UsageError
@@ -80,6 +81,23 @@ def looks_like_path(name: str) -> bool:
     return "/" in name and os.path.isdir(head)
 
 
+def path_shaped(name: str) -> bool:
+    """Has a path separator or starts with ``.``, ``/`` or ``~``: what a user may have meant as a local
+    path, although ``org/name`` is also the shape of a hub id (see :func:`looks_like_path` for the sure cases)."""
+    return "/" in name or "\\" in name or name.startswith((".", "~"))
+
+
+def valid_repo_id(name: str) -> bool:
+    """Whether ``name`` is a well-formed hub repository id (``name`` or ``org/name``, no spaces, ``--`` or ``..``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def offline_error(what: str, name: str, flag: str, reason: str | None = None, local_copy: str = "") -> UsageError:
     """The one message for a hub name that cannot be had offline.
 
@@ -93,3 +111,21 @@ def offline_error(what: str, name: str, flag: str, reason: str | None = None, lo
         f"not in the local cache. Give {local} instead, fill the cache on a machine with network (HF_HOME), or, with a "
         "filled cache, set HF_HUB_OFFLINE=1 to skip the network check." + (f" {local_copy}" if local_copy else "")
     )
+
+
+def hub_failure(what: str, name: str, path: str, flag: str, err: Exception) -> UsageError:
+    """The message for a model, tokenizer or config that ``from_pretrained`` could not load from ``path``
+    (a hub id, or a local folder): offline, otherwise the library's reason; a name that may be a
+    mistyped local path says that no such folder exists."""
+    if not Path(path).is_dir() and offline_reason() is not None:
+        failure = str(offline_error(what, name, flag)).removeprefix(f"{flag} {name}: ")
+    else:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        failure = (f"Could not load the {what} {name!r}: {first_line}. Give a local Hugging Face model folder "
+                   "(config.json + safetensors weights + tokenizer files), 'tiny' for the bundled model, or a hub id "
+                   "reachable from this machine (the Hub needs network access or a filled HF_HOME cache).")
+    if path_shaped(name) and not Path(name).expanduser().exists():  # a mistyped folder reads as an org/name hub id
+        return UsageError(f"{flag} {name}: there is no local folder {name!r} (no such file or folder here), so it was "
+                          "taken for a Hugging Face Hub id, and that failed too. Check the path (an absolute path or ./ "
+                          f"removes the doubt). As a Hub id: {failure}")
+    return UsageError(failure if failure.startswith("Could not") else f"{flag} {name}: {failure}")

@@ -14,12 +14,14 @@ device this machine lacks, a corrupt or truncated weights file) become :class:`U
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from prunetune.errors import UsageError
+from prunetune.hub import hub_failure, path_shaped, valid_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +29,9 @@ TINY_NAME = "tiny"
 TINY_PATH = Path(__file__).resolve().parent / "tiny"
 
 # What transformers' GGUF reader raises on a file it cannot read (bad magic, short tensor data, an
-# architecture or tokenizer it does not know); all become a UsageError naming the file.
-_GGUF_READ_ERRORS = (OSError, ValueError, KeyError, IndexError, NotImplementedError)
+# architecture or tokenizer it does not know, a file cut inside its header: struct.error); all become a
+# UsageError naming the file.
+_GGUF_READ_ERRORS = (OSError, ValueError, KeyError, IndexError, NotImplementedError, struct.error)
 
 DTYPES = {
     "auto": "auto",
@@ -68,38 +71,6 @@ def _hub_kwargs(path: str) -> dict:
     return {"local_files_only": True} if not Path(path).is_dir() and hub_offline() else {}
 
 
-def _hub_failure(what: str, name: str, path: str, options: LoadOptions, err: Exception) -> UsageError:
-    from prunetune.hub import offline_error, offline_reason
-
-    if not Path(path).is_dir() and offline_reason() is not None:
-        failure = offline_error(what, name, options.flag)
-    else:
-        failure = UsageError(_load_failure(what, name, err))
-    if _path_like(name) and not Path(name).expanduser().exists():  # a mistyped folder reads as an org/name hub id
-        failure = str(failure).removeprefix(f"{options.flag} {name}: ")
-        return UsageError(f"{options.flag} {name}: there is no local folder {name!r} (no such file or folder here), "
-                          f"so it was taken for a Hugging Face Hub id, and that failed too. Check the path (an absolute "
-                          f"path or ./ removes the doubt). As a Hub id: {failure}")
-    return failure
-
-
-def _path_like(name: str) -> bool:
-    """Has a path separator or starts with . / ~: what a user may have meant as a local path."""
-    return "/" in name or "\\" in name or name.startswith((".", "~"))
-
-
-def _valid_repo_id(name: str) -> bool:
-    try:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-    except ImportError:  # pragma: no cover - transformers requires huggingface_hub
-        return True
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 def resolve_model_path(name_or_path: str) -> str:
     """Where a model name points: a local folder, a local ``.gguf`` file, or a hub id.
 
@@ -136,7 +107,7 @@ def resolve_model_path(name_or_path: str) -> str:
     # A hub id is "name" or "org/name"; anything else that does not exist is a bad path.
     from prunetune.hub import looks_like_path
 
-    if looks_like_path(name_or_path) or gguf.is_gguf(name_or_path) or (_path_like(name_or_path) and not _valid_repo_id(name_or_path)):
+    if looks_like_path(name_or_path) or gguf.is_gguf(name_or_path) or (path_shaped(name_or_path) and not valid_repo_id(name_or_path)):
         raise UsageError(f"Model path {name_or_path!r} does not exist. Give an existing model folder or .gguf file, a hub "
                          "id such as meta-llama/Llama-2-7b-hf, 'tiny' for the bundled model, or one of the named models: "
                          f"{', '.join(gguf.PACKAGED)}.")
@@ -249,10 +220,38 @@ def load_tokenizer(name_or_path: str, options: LoadOptions | None = None):
             tokenizer = AutoTokenizer.from_pretrained(path, cache_dir=options.cache_dir,
                                                       trust_remote_code=options.trust_remote_code, **_hub_kwargs(path))
         except (OSError, ValueError) as err:
-            raise _hub_failure("tokenizer", name_or_path, path, options, err) from err
+            raise hub_failure("tokenizer", name_or_path, path, options.flag, err) from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    try:
+        rows = getattr(load_config(name_or_path, options), "vocab_size", None)
+    except UsageError:  # a tokenizer-only folder or repo: no model to compare with
+        rows = None
+    check_vocabulary(tokenizer, rows, name_or_path)
     return tokenizer
+
+
+def check_vocabulary(tokenizer, rows: int | None, name: str) -> None:
+    """Refuse a tokenizer whose special tokens (BOS, EOS, pad, unk...) have ids the model's embedding has no
+    row for: every text would index past it (an IndexError deep in pruning or training).
+
+    Args:
+        rows: the embedding's rows (``config.vocab_size``, or ``model.get_input_embeddings().num_embeddings``);
+            None checks nothing.
+    """
+    if not isinstance(rows, int):
+        return
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id,
+               *tokenizer.all_special_ids}
+    beyond = sorted(i for i in special if isinstance(i, int) and i >= rows)
+    if beyond:
+        shown = ", ".join(f"{token!r} (id {i:,})" for i, token in zip(beyond, tokenizer.convert_ids_to_tokens(beyond)))
+        raise UsageError(
+            f"The tokenizer of {name!r} uses token ids the model's embedding has no row for: it has {rows:,} rows, and "
+            f"the special tokens {shown} lie beyond them, so every text would index past it. The vocabulary and the "
+            "weights do not match (e.g. an end-of-text token appended to the vocabulary without an embedding row): "
+            "convert the model again, or give a tokenizer that matches its embedding."
+        )
 
 
 def load_model(name_or_path: str, options: LoadOptions | None = None):
@@ -287,7 +286,7 @@ def load_model(name_or_path: str, options: LoadOptions | None = None):
         gguf.require_gguf_package(path)
         folder, file = gguf.split_path(path)
         kwargs = dict(gguf_file=file, dtype=torch.float32 if dtype == "auto" else dtype,
-                      trust_remote_code=options.trust_remote_code, **gguf.dequantize_kwargs())
+                      trust_remote_code=options.trust_remote_code, output_loading_info=True, **gguf.dequantize_kwargs())
     else:
         folder = path
         kwargs = dict(dtype=dtype, cache_dir=options.cache_dir, trust_remote_code=options.trust_remote_code,
@@ -302,7 +301,10 @@ def load_model(name_or_path: str, options: LoadOptions | None = None):
     except user_errors as err:
         if gguf_file:
             raise UsageError(gguf.load_failure("model", name_or_path, path, err)) from err
-        raise _hub_failure("model", name_or_path, path, options, err) from err
+        raise hub_failure("model", name_or_path, path, options.flag, err) from err
+    if gguf_file:
+        model, info = model
+        gguf.check_coverage(name_or_path, path, model, info.get("missing_keys", ()))
     if options.device_map is None and options.device:
         model.to(options.device)
     model.eval()
@@ -332,7 +334,7 @@ def load_config(name_or_path: str, options: LoadOptions | None = None):
         return AutoConfig.from_pretrained(path, cache_dir=options.cache_dir, trust_remote_code=options.trust_remote_code,
                                           **_hub_kwargs(path))
     except (OSError, ValueError) as err:
-        raise _hub_failure("model config", name_or_path, path, options, err) from err
+        raise hub_failure("model config", name_or_path, path, options.flag, err) from err
 
 
 def model_identity(name_or_path: str, sha256_cache=None) -> dict:
@@ -390,12 +392,3 @@ def _corrupt_weights(path: str, name: str, err: Exception) -> str:
     where = f"the weights file {broken}" if broken else f"a weights file of {name!r}"
     return (f"Could not load the model {name!r}: {where} is corrupt or truncated ({err}). Re-download or "
             "re-save the model (an interrupted copy or download leaves a short file), or give another model folder.")
-
-
-def _load_failure(what: str, name: str, err: Exception) -> str:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return (
-        f"Could not load the {what} {name!r}: {first_line}. Give a local Hugging Face model folder "
-        "(config.json + safetensors weights + tokenizer files), 'tiny' for the bundled model, or a "
-        "hub id reachable from this machine (the Hub needs network access or a filled HF_HOME cache)."
-    )

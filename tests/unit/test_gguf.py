@@ -39,8 +39,14 @@ def _permute(weight, heads: int):
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_gguf(model, tokenizer, path) -> dict:
-    """Write a Llama ``model`` and its byte-level BPE ``tokenizer`` as an all-F32 GGUF; returns the tensors written."""
+def write_gguf(model, tokenizer, path, skip=(), extra_tokens: int = 0) -> dict:
+    """Write a Llama ``model`` and its byte-level BPE ``tokenizer`` as an all-F32 GGUF; returns the tensors written.
+
+    Args:
+        skip: GGUF tensor names to leave out (a damaged or incompletely converted file).
+        extra_tokens: control tokens appended to the vocabulary beyond the embedding's rows, the
+            last one the EOS (a converter that adds an end-of-text token without growing the embedding).
+    """
     import gguf
 
     config = model.config
@@ -61,13 +67,15 @@ def write_gguf(model, tokenizer, path) -> dict:
     tokens = [None] * len(spec["model"]["vocab"])
     for token, index in spec["model"]["vocab"].items():
         tokens[index] = token
+    tokens += [f"<|extra_{i}|>" for i in range(extra_tokens)]
     special = {added["id"] for added in spec["added_tokens"] if added["special"]}
+    special |= set(range(len(tokens) - extra_tokens, len(tokens)))
     writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
     writer.add_token_list(tokens)
     writer.add_token_types([3 if i in special else 1 for i in range(len(tokens))])  # 3: control, 1: normal
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
     writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_eos_token_id(len(tokens) - 1 if extra_tokens else tokenizer.eos_token_id)
     writer.add_unk_token_id(tokenizer.unk_token_id)
     writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_add_bos_token(True)  # the bundled tokenizer starts every text with <s>
@@ -80,6 +88,8 @@ def write_gguf(model, tokenizer, path) -> dict:
         base, suffix = name.rsplit(".", 1)
         gguf_name = f"{names.get_name(base)}.{suffix}"
         array = tensor.float().numpy()
+        if gguf_name in skip:
+            continue
         if ".attn_q." in gguf_name:
             array = _permute(array, config.num_attention_heads)
         elif ".attn_k." in gguf_name:
