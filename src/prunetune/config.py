@@ -2,7 +2,8 @@
 
 :func:`from_mapping` builds a dataclass from a plain mapping, recursing into nested
 dataclasses and lists of them, and raises :class:`UsageError` naming the offending key,
-the value, and what is accepted.
+the value, and what is accepted. :func:`coerce` is its conversion of one value, which
+``prunetune recover`` argument files use too.
 """
 
 from __future__ import annotations
@@ -146,53 +147,60 @@ def check_acyclic(data, where: str = "config") -> None:
             stack.append((child, label, False))
 
 
-def _type_name(tp) -> str:
+def type_name(tp) -> str:
+    """How messages name a type: ``integer``, ``number or null``, ``list of string``, ``one of 'a', 'b'``."""
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
+        return " or ".join(type_name(a) for a in get_args(tp))
     if origin is list:
-        return f"list of {_type_name(get_args(tp)[0])}"
+        return f"list of {type_name(get_args(tp)[0])}" if get_args(tp) else "list"
     if origin is dict or tp is dict:
         return "mapping"
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
+    names = {type(None): "null", bool: "true or false", int: "integer", float: "number", str: "string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _convert(value: Any, tp, where: str):
+def coerce(value: Any, tp, where: str, *, others_pass: bool = False):
+    """``value`` as type ``tp``, or a :class:`UsageError` naming ``where``, the value and the type expected.
+
+    The one conversion of config values, for pipeline files and ``prunetune recover`` argument
+    files alike: bool, int, float, str, None, unions, Literal, lists, mappings, nested dataclasses
+    and Any. YAML reads ``1e-4`` as a string: floats accept numeric strings. A bool is never an
+    int.
+
+    Args:
+        others_pass: other types (HfArgumentParser's enums, say) pass unchanged, for the dataclass
+            that declares them to check; False: refused.
+    """
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        errors = []
         for option in get_args(tp):
             try:
-                return _convert(value, option, where)
-            except UsageError as err:
-                errors.append(err)
-        raise UsageError(f"{where}: {value!r} is not a {_type_name(tp)}.")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise UsageError(f"{where}: {value!r} is not null.")
+                return coerce(value, option, where, others_pass=others_pass)
+            except UsageError:
+                continue
+        raise UsageError(f"{where}: {value!r} is not accepted; expected: {type_name(tp)}.")
     if origin is typing.Literal:
         if value in get_args(tp):
             return value
-        raise UsageError(f"{where}: {value!r} is not accepted; use {_type_name(tp)}.")
-    if origin is list:
-        if not isinstance(value, list):
-            raise UsageError(f"{where}: {value!r} is not a list ({_type_name(tp)}).")
-        (item,) = get_args(tp)
-        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
+    elif origin is list or tp is list:
+        if isinstance(value, list):
+            (item,) = get_args(tp) or (Any,)
+            return [coerce(v, item, f"{where}[{i}]", others_pass=others_pass) for i, v in enumerate(value)]
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise UsageError(f"{where}: {value!r} is not a mapping.")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise UsageError(f"{where}: expected a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}.")
+            raise UsageError(f"{where}: expected a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}, "
+                             f"got {value!r}.")
         return _build(tp, value, where)
-    if tp is bool:
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
@@ -209,9 +217,9 @@ def _convert(value: Any, tp, where: str):
     elif tp is str:
         if isinstance(value, str):
             return value
-    elif tp is Any:
+    elif tp is Any or others_pass:
         return value
-    raise UsageError(f"{where}: {value!r} is not a {_type_name(tp)}.")
+    raise UsageError(f"{where}: {value!r} is not accepted; expected: {type_name(tp)}.")
 
 
 def from_mapping(cls: type[T], data: dict, where: str = "config") -> T:
@@ -229,7 +237,7 @@ def _build(cls: type[T], data: dict, where: str) -> T:
     unknown = [k for k in data if k not in names]
     if unknown:
         raise UsageError(f"{where}: unknown key {unknown[0]!r}. Accepted keys: {', '.join(names)}.")
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    kwargs = {k: coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as err:

@@ -100,7 +100,7 @@ def test_pipeline_report_and_reuse(small_setup):
 
 @pytest.mark.parametrize("change, message", [
     ({"learning_rat": 1}, "unknown key 'learning_rat'"),
-    ({"seed": "zero"}, "config.seed: 'zero' is not a int"),
+    ({"seed": "zero"}, "config.seed: 'zero' is not accepted; expected: integer"),
     ({"prune": [{"method": "obs"}]}, "config.prune[0].method: 'obs' is not accepted"),
     ({"prune": [{"method": "wanda", "sparsity_type": "4:2"}]}, "4:2"),
     ({"recover": [{"prune": "nope"}]}, "names no prune entry"),

@@ -166,7 +166,7 @@ def test_fingerprint_cache_skips_files_written_just_now(tmp_path):
     ({"recover": {"method_overrides": {"lora": {"learning_rate": -1.0}}}},
      "config.recover[0].method_overrides.lora.learning_rate: -1.0"),
     ({"recover": {"method_overrides": {"lora": {"learning_rate": "fast"}}}},
-     "config.recover[0].method_overrides.lora.learning_rate: 'fast' is not a float"),
+     "config.recover[0].method_overrides.lora.learning_rate: 'fast' is not accepted; expected: number"),
     ({"prune": [{"method": "wanda", "sparsity_ratio": 0.5}, {"method": "magnitude", "sparsity_type": "2:3"}]},
      "config.prune[1].sparsity_type: Layer model.layers.0.self_attn.q_proj has 64 input features, not divisible by M=3"),
     ({"evaluation": {"seqlen": 512}}, "config.evaluation.seqlen: 512 tokens exceed the 256 positions"),

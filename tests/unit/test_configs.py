@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 import prunetune
 from prunetune.config import load_mapping
@@ -135,3 +136,26 @@ def test_aliases_that_expand_to_billions_of_values_are_refused(tmp_path):
     path.write_text("\n".join(["model: tiny", "output_dir: run", *lines, "prune: [*l9]", ""]))
     with pytest.raises(UsageError, match=r"aliases \(\*name\) expand to more than 100,000 values"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("seed", "zero", "integer"),
+    ("learning_rate", "fast", "number"),
+    ("seed", True, "integer"),  # a bool is not a number
+])
+def test_pipeline_and_recover_files_convert_values_the_same_way(tmp_path, key, value, expected):
+    """One conversion for both kinds of file: the same wrong value gets the same message."""
+    from prunetune.commands.recover import parse
+
+    message = rf"{value!r} is not accepted; expected: {expected}"
+    recover_file = tmp_path / "recover.yaml"
+    recover_file.write_text(yaml.safe_dump({"model_name_or_path": "tiny", "output_dir": "out", key: value}))
+    with pytest.raises(UsageError, match=message):
+        parse([str(recover_file)])
+    raw = {"model": "tiny", "output_dir": str(tmp_path / "run")}
+    if key == "learning_rate":
+        raw.update(prune=[{"method": "magnitude"}], recover=[{"prune": "magnitude 50%", key: value}])
+    else:
+        raw[key] = value
+    with pytest.raises(UsageError, match=message):
+        load_config(raw)

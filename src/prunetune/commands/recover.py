@@ -19,13 +19,11 @@ import difflib
 import enum
 import re
 import shutil
-import types
 import typing
-from typing import Union, get_args, get_origin
 
 from prunetune import recipe
 from prunetune.cli import configure_logging, progress_bars
-from prunetune.config import load_mapping
+from prunetune.config import coerce, load_mapping
 from prunetune.errors import UsageError
 from prunetune.recipe.args import (
     ARGUMENT_CLASSES,
@@ -279,61 +277,14 @@ def parse_mapping(parser, data: dict, source: str):
             hint = _did_you_mean([repr(name) for name in difflib.get_close_matches(str(key), list(fields), n=3)])
             raise UsageError(f"{source}: unknown key {key!r}; {hint}the keys are the flags of prunetune recover "
                              "without their leading -- (prunetune recover --help lists them).")
-    values = {key: _coerce(value, fields[key], f"{source}: key {key!r}") for key, value in data.items()}
+    # HfArgumentParser hands file values to the dataclasses unchecked: lora_r: "eight" would surface deep inside
+    values = {key: coerce(value, fields[key], f"{source}: key {key!r}", others_pass=True) for key, value in data.items()}
     try:
         return parser.parse_dict(values)
     except ValueError as err:
         if isinstance(err, UsageError):
             raise
         raise UsageError(f"{source}: {err}") from err
-
-
-def _type_name(tp) -> str:
-    if get_origin(tp) in (Union, types.UnionType):
-        return " or ".join(_type_name(option) for option in get_args(tp))
-    names = {type(None): "null", bool: "true or false", int: "integer", float: "number", str: "string"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(value, tp, where: str):
-    """``value`` as type ``tp`` for the plain types (bool, int, float, str, their unions); other types pass.
-
-    HfArgumentParser hands file values to the dataclasses unchecked, so ``lora_r: "eight"``
-    would surface as a TypeError deep in validation. YAML reads ``1e-4`` as a string: floats
-    accept numeric strings.
-    """
-    if get_origin(tp) in (Union, types.UnionType):
-        options = get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except UsageError:
-                continue
-        raise UsageError(f"{where}: {value!r} is not accepted; expected: {_type_name(tp)}.")
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                ok = False
-        else:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            value = float(value) if ok else value
-    elif tp is str:
-        ok = isinstance(value, str)
-    else:  # enums, lists, dicts: the dataclass and TrainingArguments check these themselves
-        return value
-    if not ok:
-        raise UsageError(f"{where}: {value!r} is not accepted; expected: {_type_name(tp)}.")
-    return value
 
 
 def _gib(n: int) -> str:
