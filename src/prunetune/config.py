@@ -43,6 +43,8 @@ def load_mapping(path: str | Path) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text, object_pairs_hook=_unique_keys) if path.suffix == ".json" else _load_yaml(text, path)
+    except UsageError:  # a key given twice, aliases that expand too far: already said for people
+        raise
     except (yaml.YAMLError, ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
         raise UsageError(f"Config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from err
     except RecursionError as err:

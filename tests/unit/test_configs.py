@@ -105,7 +105,8 @@ def test_readme_setup_gives_the_cpu_build_anywhere_and_keeps_the_ci_command():
 def test_a_key_given_twice_is_refused_naming_the_key_and_both_lines(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: tiny\noutput_dir: run\nprune:\n  - method: magnitude\nprune:\n  - method: wanda\n")
-    with pytest.raises(UsageError, match=r"'prune' is given twice in one mapping, at lines 3 and 5"):
+    with pytest.raises(UsageError, match=r"^Config file \S+run.yaml: the key 'prune' is given twice in one mapping, "
+                                         r"at lines 3 and 5"):
         load_config(str(path))
     nested = tmp_path / "nested.yaml"
     nested.write_text("model: tiny\noutput_dir: run\nprune:\n  - method: wanda\n    method: magnitude\n")
@@ -134,7 +135,8 @@ def test_aliases_that_expand_to_billions_of_values_are_refused(tmp_path):
     lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]  # 9**10 values in l9
     path = tmp_path / "bomb.yaml"
     path.write_text("\n".join(["model: tiny", "output_dir: run", *lines, "prune: [*l9]", ""]))
-    with pytest.raises(UsageError, match=r"aliases \(\*name\) expand to more than 100,000 values"):
+    with pytest.raises(UsageError, match=r"^Config file \S+bomb.yaml: its YAML aliases \(\*name\) expand to more than "
+                                         r"100,000 values"):
         load_config(str(path))
 
 
