@@ -238,6 +238,28 @@ def test_lora_under_fsdp2_keeps_the_frozen_base_and_checks_it_on_shards(workspac
     assert (out / "adapter_model.safetensors").exists()
 
 
+def test_fsdp2_full_distills_like_one_process(workspace, driver, tmp_path):  # noqa: F811
+    """--distill_from under FSDP2: the chunked output layer runs inside the sharded model's forward (its weights
+    gathered, its gradient reduce-scattered), so CE + KL train as one process with the same global batch does."""
+    distill = ["--distill_from", workspace / "dense", "--distill_ce_weight", "0.5", "--distill_kl_weight", "1",
+               "--distill_hidden_weight", "0", "--max_steps", "2", "--save_strategy", "no"]
+    out = tmp_path / "fsdp"
+    log = torchrun(driver, *recover_argv(workspace, out), "--per_device_train_batch_size", "2", "--fsdp", "full_shard",
+                   *distill)
+    assert len(re.findall(r"masks follow the sharded weights", log)) == 2, log[-3000:]
+    from prunetune.cli import main
+
+    single = tmp_path / "single"
+    assert main([str(a) for a in [*recover_argv(workspace, single)[1:], "--per_device_train_batch_size", "4", *distill]]) == 0
+    assert len(losses(out)) == 2 and losses(out) == pytest.approx(losses(single), rel=1e-5)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert all(entry["loss_kl"] > 0 for entry in history if "loss" in entry)
+    sharded, whole = load_file(str(out / "model.safetensors")), load_file(str(single / "model.safetensors"))
+    assert sharded.keys() == whole.keys()
+    for name in whole:
+        torch.testing.assert_close(sharded[name], whole[name], rtol=0, atol=1e-5)
+
+
 def _args(**changes):
     base = dict(deepspeed=None, fsdp=True, use_cpu=False, optim="adamw_torch_fused", do_eval=False,
                 fsdp_plugin_args={"fsdp_version": 2, "cpu_ram_efficient_loading": False, "state_dict_type": "FULL_STATE_DICT"})

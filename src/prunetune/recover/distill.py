@@ -17,13 +17,18 @@ logits only (``logits_to_keep=1``); both models' final hidden states are then se
 their output layers ``chunk_tokens`` positions at a time, each chunk under activation
 checkpointing, so at most one chunk of logits per model exists at once, in the forward and
 in the backward (about 7 chunk x vocab float32 tensors at the chunk's peak, hence the default of
-256 positions: 0.9 GB for a 128k vocabulary). Before the first step, one short forward checks that the output layer applied to
+256 positions: 0.9 GB for a 128k vocabulary). The chunks are computed inside the student's forward, in a
+hook right after its output layer, and their graph leaves that forward through the logits it returns:
+under FSDP2 the output layer's weights are gathered only there (and for a backward that starts from
+the forward's outputs), so a loop after the forward would use sharded weights. Before the first step,
+one short forward checks that the output layer applied to
 the final hidden state reproduces the model's logits; a model that post-processes its logits (soft
 capping, scaling) falls back to full logits, with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -216,33 +221,30 @@ class Distiller:
 
     def loss(self, model: nn.Module, inputs: dict) -> LossParts:
         settings = self.settings
-        labels = inputs["labels"]
         if not self.checked:
             self._check_head(model, inputs)
         teacher_outputs = self._teacher_pass(inputs)
+        targets = inputs["labels"][:, 1:].reshape(-1)
+        count = (targets != IGNORE_INDEX).sum().clamp_min(1)
         self.student_tap.clear(recording=True)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                        **({"logits_to_keep": 1} if self.chunked else {}))
-        self.student_tap.recording = False
-        want_kl = settings.kl_weight > 0
-        ce_grad = settings.ce_weight > 0
-        targets = labels[:, 1:].reshape(-1)
-        teacher_hidden = self.teacher_tap.final[:, :-1].reshape(-1, self.teacher_tap.final.shape[-1])
         if self.chunked:
-            student_hidden = self.student_tap.final[:, :-1].reshape(-1, self.student_tap.final.shape[-1])
-            ce_sum, kl_sum = chunked_logit_losses(student_hidden, teacher_hidden, targets, self.student_tap.head,
-                                                  self.teacher_tap.head, settings.temperature, settings.chunk_tokens, want_kl,
-                                                  ce_grad)
+            parts = {}
+            with self._on_head(lambda head, output: self._chunk_losses(head, output, targets, count, parts)):
+                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), logits_to_keep=1)
+            carried = outputs.logits.reshape(-1)[0]  # the logit losses' graph, through the model's output
+            ce, kl = parts["ce"], parts["kl"]
+            total = carried - carried.detach() + parts["total"].detach()
         else:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
             logits = outputs.logits[:, :-1].reshape(-1, outputs.logits.shape[-1])
-            ce_sum = _cross_entropy_sum(logits.float(), targets, ce_grad)
+            ce_sum = _cross_entropy_sum(logits.float(), targets, settings.ce_weight > 0)
             kl_sum = ce_sum.new_zeros(())
-            if want_kl:  # the teacher's own logits: whatever its forward does after the output layer
+            if settings.kl_weight > 0:  # the teacher's own logits: whatever its forward does after the output layer
                 teacher_logits = teacher_outputs.logits[:, :-1].reshape(-1, teacher_outputs.logits.shape[-1])
                 kl_sum = (kl_per_token(logits, teacher_logits, settings.temperature) * (targets != IGNORE_INDEX)).sum()
-        count = (targets != IGNORE_INDEX).sum().clamp_min(1)
-        ce, kl = ce_sum / count, kl_sum / count
-        total = settings.ce_weight * ce + settings.kl_weight * kl
+            ce, kl = ce_sum / count, kl_sum / count
+            total = settings.ce_weight * ce + settings.kl_weight * kl
+        self.student_tap.recording = False
         hidden = torch.zeros((), device=ce.device)
         if settings.matches_hidden:
             hidden = squarehead(self.student_tap.blocks, self.teacher_tap.blocks, inputs.get("attention_mask"))
@@ -250,6 +252,38 @@ class Distiller:
         self.student_tap.clear()
         self.teacher_tap.clear()
         return LossParts(total, ce.detach(), kl.detach(), hidden.detach())
+
+    @contextlib.contextmanager
+    def _on_head(self, compute):
+        """Run ``compute(head, output)`` inside the student's forward, right after its output layer.
+
+        The output layer's weights are only sure to be whole there: under FSDP2 the root module
+        gathers them for its forward (and for its backward, which runs only for tensors that flow
+        out of that forward). So the chunked losses are computed in this hook, and their graph
+        leaves the forward through the logits it returns (:meth:`_chunk_losses`).
+        """
+        def once(module, args, output):
+            handle.remove()  # before ``compute`` calls the output layer itself (and before a checkpoint's recompute)
+            return compute(module, output)
+
+        handle = self.student_tap.head.register_forward_hook(once, prepend=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _chunk_losses(self, head: nn.Module, output: torch.Tensor, targets, count, parts: dict) -> torch.Tensor:
+        """The chunked CE and KL; returns the head's output with the weighted sum's graph added (and 0 to its values)."""
+        settings = self.settings
+        student, teacher = self.student_tap.final, self.teacher_tap.final
+        ce_sum, kl_sum = chunked_logit_losses(student[:, :-1].reshape(-1, student.shape[-1]),
+                                              teacher[:, :-1].reshape(-1, teacher.shape[-1]), targets, head,
+                                              self.teacher_tap.head, settings.temperature, settings.chunk_tokens,
+                                              settings.kl_weight > 0, settings.ce_weight > 0)
+        ce, kl = ce_sum / count, kl_sum / count
+        total = settings.ce_weight * ce + settings.kl_weight * kl
+        parts.update(ce=ce.detach(), kl=kl.detach(), total=total)
+        return output.detach() + (total - total.detach()).to(output.dtype)  # the head's own logits get no gradient
 
     def _check_head(self, model: nn.Module, inputs: dict) -> None:
         """Before the first step: does the output layer on the final hidden state give the model's logits?
@@ -261,12 +295,12 @@ class Distiller:
             return
         tokens = inputs["input_ids"][:1, :64]
         mask = inputs.get("attention_mask")
+        rebuilt = []
         self.student_tap.clear(recording=True)
-        with torch.no_grad():
+        with torch.no_grad(), self._on_head(lambda head, output: rebuilt.append(head(self.student_tap.final[0]).float())):
             reference = model(input_ids=tokens, attention_mask=None if mask is None else mask[:1, :64]).logits[0].float()
-            rebuilt = self.student_tap.head(self.student_tap.final[0]).float()
         self.student_tap.clear()
-        if not torch.allclose(rebuilt, reference, rtol=1e-3, atol=1e-3 * reference.abs().max().item()):
+        if not torch.allclose(rebuilt[0], reference, rtol=1e-3, atol=1e-3 * reference.abs().max().item()):
             logger.warning("distillation: this model's logits are not its output layer applied to its last hidden "
                            "state (logit scaling or capping); computing the losses from full logits instead of "
                            "chunks (more memory: batch x seqlen x vocab)")
