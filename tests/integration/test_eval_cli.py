@@ -70,3 +70,20 @@ def test_the_result_line_names_base_and_adapter(tmp_path, capsys):
     get_peft_model(load_model("tiny"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
     line, _ = run_eval(capsys, "--dataset", "builtin", "--max_windows", "2", "--lora_weights", str(adapter))
     assert line.startswith(f"tiny + adapter {adapter} on builtin")
+
+
+def test_unavailable_default_data_is_refused_before_the_weights_load(tmp_path, capsys, monkeypatch):
+    import prunetune.loading
+    from factories import save_model_folder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    save_model_folder(tmp_path / "model", "llama")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights loaded before the data was checked")
+
+    monkeypatch.setattr(prunetune.loading, "load_model", refuse)
+    assert main(["eval", "--model", str(tmp_path / "model"), "--cache_dir", str(tmp_path / "empty")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("prunetune: error: --dataset wikitext2: this dataset comes from the Hugging Face Hub")
+    assert captured.out == ""

@@ -23,7 +23,7 @@ from prunetune.commands.common import (
     load_options,
     print_json,
 )
-from prunetune.data import describe_sources
+from prunetune.data import describe_sources, load_documents, resolve
 from prunetune.errors import UsageError
 from prunetune.outputs import check_output_file
 
@@ -115,6 +115,10 @@ def main(argv: list[str]) -> int:
 
         catalog = TaskCatalog(zeroshot.include_path)
         tasks = catalog.load(zeroshot.tasks)
+    if dataset is not None:  # the text before the weights: a hub dataset that cannot be had here costs no model load
+        protocol = resolve(dataset, "--dataset").protocol
+        load_documents(dataset, protocol.eval_split if protocol is not None and protocol.eval_split else args.split,
+                       args.cache_dir, flag="--dataset")
     tokenizer = load_tokenizer(args.model, options)
     model = load_model(args.model, options)
     if dataset is not None:
