@@ -188,3 +188,14 @@ def test_an_unreachable_hub_turns_datasets_offline_for_the_call_only(monkeypatch
     assert time.perf_counter() - started < 10
     assert seen == [(True, True)]
     assert datasets.config.HF_HUB_OFFLINE is False and huggingface_hub.constants.HF_HUB_OFFLINE is False
+
+
+def test_a_ptb_protocol_file_is_fingerprinted_by_its_content(tmp_path):
+    """A pipeline keys its stages on the data: ptb:FILE is the file's content, not a path named 'ptb:...'."""
+    from prunetune.pipeline.fingerprints import FingerprintCache, data_identity
+
+    file = tmp_path / "ptb.test.txt"
+    file.write_text(" a b \n c d \n")
+    first = data_identity(f"ptb:{file}", FingerprintCache())
+    file.write_text(" a b \n c e \n")
+    assert data_identity(f"ptb:{file}", FingerprintCache())["sha256"] != first["sha256"]

@@ -13,6 +13,7 @@ import logging
 import platform
 from pathlib import Path
 
+from prunetune.data.hub_sources import split_protocol
 from prunetune.digest import file_digest, file_stamp
 from prunetune.outputs import write_json
 
@@ -95,7 +96,8 @@ def data_identity(source: str, cache: FingerprintCache) -> str | dict:
         return source
     if source == "builtin":
         return f"builtin (python {platform.python_version()})"
-    path, _ = _split_path_field(source)
+    protocol_file = split_protocol(source)  # ptb:FILE: the file, read by the ptb protocol
+    path = protocol_file[1] if protocol_file else _split_path_field(source)[0]
     root = path.expanduser().resolve()
     files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else [root]
     return {"source": source, "sha256": cache.files(root if root.is_dir() else root.parent, files)}
