@@ -393,3 +393,37 @@ def require_complete(path: str | Path, what: str = "folder") -> dict | None:
             f"--resume_from_checkpoint latest --output_dir {path}), or use one of its checkpoint-N folders."
         )
     return manifest
+
+
+def check_apart(output: str | Path, inputs: dict[str, str | Path | None], flag: str = "--output_dir") -> None:
+    """Refuse an output folder that is, contains or lies inside one of the command's local inputs.
+
+    Replacing or writing such a folder would destroy or alter an input before (or while) it is read:
+    ``--overwrite_output_dir`` with the pruned model's own folder deletes the model it is about to
+    load. Inputs that are not local paths (hub ids, named sources) are skipped. Changes nothing.
+
+    Args:
+        output: the output folder as given.
+        inputs: flag -> the value given for it (None or a non-path: skipped).
+
+    Raises:
+        UsageError: naming the flag, both paths and how they overlap.
+    """
+    target = Path(output).expanduser().absolute().resolve()
+    for name, value in inputs.items():
+        if value is None or str(value).strip() == "":
+            continue
+        source = Path(value).expanduser()
+        if not source.exists():
+            continue
+        source = source.absolute().resolve()
+        if source == target:
+            how = "is"
+        elif target in source.parents:
+            how = "contains"
+        elif source in target.parents:
+            how = "lies inside"
+        else:
+            continue
+        raise UsageError(f"{flag} {output} {how} the input {name} {value}: writing there could replace or delete that "
+                         f"input before it is read. Give {flag} a folder apart from every input.")

@@ -16,8 +16,14 @@ from transformers import set_seed
 
 from prunetune.data import training_blocks
 from prunetune.export import merged_zero_fraction
-from prunetune.outputs import check_output_dir, output_lock, write_json
-from prunetune.recipe.args import DataArguments, ModelArguments, RecoveryArguments, RecoveryTrainingArguments
+from prunetune.outputs import output_lock, write_json
+from prunetune.recipe.args import (
+    DataArguments,
+    ModelArguments,
+    RecoveryArguments,
+    RecoveryTrainingArguments,
+    resolve_learning_rate,
+)
 from prunetune.recipe.build import (
     check_config,
     check_eval_seqlen,
@@ -31,7 +37,8 @@ from prunetune.recipe.build import (
 from prunetune.recipe.data_plan import HeldOutText, check_held_out, evaluates_during_training, plan_data
 from prunetune.recipe.memory_estimate import announce as announce_memory
 from prunetune.recipe.result import RESULTS_NAME, RecoveryResult, eval_curve, write_manifest
-from prunetune.recipe.run_folder import prepare_output_dir, resolve_resume
+from prunetune.recipe.resume import check_files, check_same_run
+from prunetune.recipe.run_folder import check_output, prepare_output_dir, remove_checkpoints, resolve_resume
 from prunetune.recipe.trainer import make_distiller, make_trainer, save, train
 from prunetune.recover.adapter import check_base_manifest
 from prunetune.recover.base import base_layers, zero_fraction
@@ -64,15 +71,19 @@ def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args:
     resolve_dtype(model_args, recovery_args, training_args.device)  # refuses fp16 master weights before any work
     is_main = training_args.process_index == 0
     resume_dir = resolve_resume(training_args, method)
-    if is_main and resume_dir is None:
-        check_output_dir(training_args.output_dir, overwrite=training_args.overwrite_output_dir)
+    fresh = check_output(model_args, data_args, recovery_args, training_args, resume_dir)  # apart from the inputs
+    if resume_dir is not None:
+        check_files(resume_dir)  # weights and optimizer state open, before any work
+    checkpoint = checkpoint_info(resume_dir) if resume_dir is not None else None
+    resolve_learning_rate(training_args, method, (checkpoint or {}).get("learning_rate"))
     lock = output_lock(training_args.output_dir, "prunetune recover") if is_main else contextlib.nullcontext()
     with lock, kept_rng_states():  # the Trainer's set_seed must not change the caller's draws
-        return _recover(model_args, data_args, recovery_args, training_args, callbacks, resume_dir)
+        return _recover(model_args, data_args, recovery_args, training_args, callbacks, resume_dir, fresh)
 
 
 def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args: RecoveryArguments,
-             training_args: RecoveryTrainingArguments, callbacks: list | None, resume_dir: Path | None) -> RecoveryResult:
+             training_args: RecoveryTrainingArguments, callbacks: list | None, resume_dir: Path | None,
+             fresh: bool) -> RecoveryResult:
     method = recovery_args.recovery_method
     is_main = training_args.process_index == 0
     plan = plan_data(model_args, data_args)
@@ -100,7 +111,8 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
                             dataset=plan.train_source, block_size=block_size, sparsity_before=sparsity_before,
                             eval_dataset=plan.eval_source if training_args.do_eval else None,
                             validation_split_percentage=plan.train_percent,
-                            resumed_from=str(resume_dir) if resume_dir else None)
+                            resumed_from=str(resume_dir) if resume_dir else None,
+                            learning_rate=training_args.learning_rate)
     checkpoint = checkpoint_info(resume_dir) if resume_dir is not None else None
     if checkpoint is not None and checkpoint.get("base_mask_digests"):
         check_base_manifest(model, checkpoint, str(resume_dir))  # the same pruned base, position by position
@@ -123,8 +135,11 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
     # setup: the method, its callbacks, the teacher, the Trainer
     set_seed(training_args.seed)  # the adapter's random init: reproducible runs (scoped by recover(); the Trainer reseeds)
     setup = SETUPS[method](model, recovery_args, resume_dir)
+    run_facts = {"training_source": plan.train_source, "distill_from": distill.teacher if distill is not None else None}
+    if checkpoint is not None and training_args.do_train:
+        check_same_run(resume_dir, checkpoint, setup.manifest, run_facts)
     # the marker goes after the method's callbacks (they add files to checkpoints), before the caller's
-    own = [CheckpointMarker({"recovery_method": method, **setup.manifest})]
+    own = [CheckpointMarker({"recovery_method": method, **setup.manifest, **run_facts})]
     if resume_dir is not None:
         own.append(LearningRateOverride((checkpoint or {}).get("learning_rate")))
     distiller = None
@@ -136,8 +151,8 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
                                   label=f"recover {method}" + (" + distill" if distiller else ""),
                                   block_size=block_size, distiller=distiller)
     if is_main and (training_args.do_train or training_args.do_eval):
-        if resume_dir is None:
-            prepare_output_dir(training_args, method)
+        if fresh:
+            prepare_output_dir(training_args)
         if training_args.do_train:
             write_manifest(setup, model_args, result, complete=False)  # readers see an unfinished run
 
@@ -158,5 +173,18 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
     if is_main and (training_args.do_train or training_args.do_eval):
         write_json(Path(training_args.output_dir) / RESULTS_NAME, result.to_dict())
         if training_args.do_train:
+            _settle_checkpoints(training_args)
             write_manifest(setup, model_args, result, complete=True)  # last: the run is whole
     return result
+
+
+def _settle_checkpoints(training_args: RecoveryTrainingArguments) -> None:
+    """A finished run's checkpoints (optimizer state included) go unless asked for; the log says which way and why."""
+    if training_args.keep_checkpoints:
+        logger.info("keeping the checkpoints in %s (asked for by --save_strategy / --save_steps / --keep_checkpoints): "
+                    "--resume_from_checkpoint can continue from them", training_args.output_dir)
+        return
+    removed = remove_checkpoints(training_args.output_dir)
+    if removed:
+        logger.info("removed %d checkpoint folder(s) of the finished run (they only serve to resume an interrupted "
+                    "run; --keep_checkpoints or --save_steps keeps them)", len(removed))

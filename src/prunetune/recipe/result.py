@@ -44,6 +44,7 @@ class RecoveryResult:
     # (global batch x block size per step); step 0 is perplexity_before, the last step perplexity_after
     eval_curve: list = field(default_factory=list)
     resumed_from: str | None = None
+    learning_rate: float | None = None  # the peak rate used (the method's default when none was given)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -16,9 +16,12 @@ from transformers import Trainer, default_data_collator
 from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from prunetune.errors import UsageError
+from prunetune.loading import model_identity
 from prunetune.memory import track_peak_memory
-from prunetune.recipe.args import RecoveryTrainingArguments
+from prunetune.recipe.args import RecoveryTrainingArguments, resolve_learning_rate
 from prunetune.recipe.result import RecoveryResult
+from prunetune.recipe.resume import TrainingBegun, load_failure
 from prunetune.recover import distill
 from prunetune.recover.callbacks import SparsityGuard, TrainingProgress
 
@@ -33,6 +36,7 @@ def make_trainer(setup, training_args: RecoveryTrainingArguments, train_data, to
     The Trainer's own progress bar and log printer give way to :class:`TrainingProgress`: one bar
     labelled ``label`` (loss, tokens/s, time left), the metrics logged at INFO (``-v``).
     """
+    resolve_learning_rate(training_args, setup.manifest.get("recovery_method", "lora"))  # callers other than recover()
     if training_args.ddp_broadcast_buffers is None:
         # masks are identical on every rank by construction; broadcasting them each step costs GBs
         training_args.ddp_broadcast_buffers = False
@@ -55,7 +59,8 @@ def make_distiller(student, settings, options, training_args: RecoveryTrainingAr
     size = distill.model_bytes(teacher)
     logger.info("distillation teacher %s: %.1f MiB in %s on %s", settings.teacher, size / 2**20,
                 next(teacher.parameters()).dtype, training_args.device)
-    result.extra["distillation"] = {**asdict(settings), "teacher_bytes": size,
+    result.extra["distillation"] = {**asdict(settings), "teacher_identity": model_identity(settings.teacher),
+                                    "teacher_bytes": size,
                                     "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.")}
     return distill.Distiller(student, teacher, settings)
 
@@ -65,8 +70,17 @@ def train(trainer: Trainer, args: RecoveryTrainingArguments, resume_dir: Path | 
     first_step = 0
     if resume_dir is not None:
         first_step = json.loads((resume_dir / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+    begun = TrainingBegun()
+    trainer.add_callback(begun)
     with track_peak_memory(args.device) as peak:
-        output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+        try:
+            output = trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+        except (UsageError, KeyboardInterrupt):
+            raise
+        except Exception as err:  # restoring the checkpoint (weights, optimizer, scheduler) failed
+            if resume_dir is None or begun.begun:
+                raise
+            raise load_failure(resume_dir, err) from err
     result.steps = output.global_step - first_step
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     result.tokens = result.steps * global_batch * block_size

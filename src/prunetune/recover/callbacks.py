@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -83,16 +84,65 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     return None
 
 
-def _resume_hint(output_dir: str) -> str:
-    last = last_checkpoint(output_dir)
+# A checkpoint whose weights reach this many times the largest weight of the pruned base has
+# diverged (trained weights stay within a few times it), even while they are finite.
+DIVERGED_FACTOR = 1000.0
+WEIGHT_FILES = ("model*.safetensors", "adapter_model*.safetensors")  # masks.safetensors holds masks, not weights
+
+
+def weights_problem(folder: str | Path, bound: float | None) -> str | None:
+    """Why a checkpoint's weights are no good to resume from (NaN/inf, or above ``bound``); None when sane.
+
+    Reads the checkpoint's safetensors weight files one tensor at a time; a folder without any
+    (or unreadable ones, which resuming reports itself) is not judged here.
+    """
+    largest = 0.0
+    for pattern in WEIGHT_FILES:
+        for file in sorted(Path(folder).glob(pattern)):
+            try:
+                with safe_open(str(file), "pt") as handle:
+                    for key in handle.keys():
+                        tensor = handle.get_tensor(key)
+                        if not tensor.is_floating_point() or tensor.numel() == 0:
+                            continue
+                        if not bool(tensor.isfinite().all()):
+                            return f"{key} holds NaN/inf"
+                        largest = max(largest, float(tensor.abs().max()))
+            except (OSError, SafetensorError):
+                return None
+    if bound is not None and largest > bound:
+        return f"weights up to {largest:.3g}, beyond {DIVERGED_FACTOR:g} x the pruned model's largest"
+    return None
+
+
+def last_good_checkpoint(output_dir: str | Path, bound: float | None = None) -> tuple[str | None, list[str]]:
+    """The newest complete checkpoint whose weights are sane, and the newer ones skipped as diverged ("folder: why")."""
+    diverged = []
+    folders = checkpoints(output_dir)
+    markers_expected = any((p / CHECKPOINT_MARKER).exists() for p in folders)
+    for folder in folders:
+        if not checkpoint_complete(folder, markers_expected):
+            continue  # last_checkpoint's rule
+        problem = weights_problem(folder, bound)
+        if problem is None:
+            return str(folder), diverged
+        diverged.append(f"{folder}: {problem}")
+    return None, diverged
+
+
+def _resume_hint(output_dir: str, bound: float | None = None) -> str:
+    last, diverged = last_good_checkpoint(output_dir, bound)
+    skipped = (f" Not {', '.join(diverged)}: it had already diverged." if len(diverged) == 1 else
+               f" Not {'; '.join(diverged)}: they had already diverged." if diverged else "")
     if last is None:
-        return "No checkpoint was written before this step."
-    return f"The last good checkpoint is {last}."
+        return ("No checkpoint with sane weights was written before this step." if diverged else
+                "No checkpoint was written before this step.") + skipped
+    return f"The last good checkpoint is {last}.{skipped}"
 
 
-def _divergence_advice(output_dir: str) -> str:
+def _divergence_advice(output_dir: str, bound: float | None = None) -> str:
     """What to do after a NaN/inf: true advice, since a resume takes the new --learning_rate (see LearningRateOverride)."""
-    last = last_checkpoint(output_dir)
+    last, _ = last_good_checkpoint(output_dir, bound)
     resume = (f"Continue from {last} with a lower rate: --resume_from_checkpoint {last} --learning_rate NEW "
               "(the restored schedule is rescaled to NEW)") if last else "Start again with a lower --learning_rate"
     return f"{resume}, or add --warmup_steps; with fp16, use bf16 instead."
@@ -164,6 +214,7 @@ class SparsityGuard(TrainerCallback):
         self.params = params
         self.sparsity: float | None = None
         self._measured_at: int | None = None
+        self.bound = _weight_bound(check)  # a checkpoint beyond it has diverged (NaN advice)
 
     def verify(self, step: int, output_dir: str) -> float:
         """Raise :class:`TrainingStopped` on drift or non-finite weights; return the sparsity."""
@@ -173,7 +224,7 @@ class SparsityGuard(TrainerCallback):
             if not all_ranks_true(finite, self.params):
                 raise TrainingStopped(
                     f"Training stopped at step {step}: the trainable weights hold NaN/inf (the loss diverged). "
-                    f"{_resume_hint(output_dir)} {_divergence_advice(output_dir)}"
+                    f"{_resume_hint(output_dir, self.bound)} {_divergence_advice(output_dir, self.bound)}"
                 )
         drift = self.check.violations()
         if drift:
@@ -208,8 +259,8 @@ class SparsityGuard(TrainerCallback):
             value = logs.get(key)
             if isinstance(value, float) and not math.isfinite(value):
                 raise TrainingStopped(
-                    f"Training stopped at step {state.global_step}: {key} is {value}. {_resume_hint(args.output_dir)} "
-                    f"{_divergence_advice(args.output_dir)}"
+                    f"Training stopped at step {state.global_step}: {key} is {value}. "
+                    f"{_resume_hint(args.output_dir, self.bound)} {_divergence_advice(args.output_dir, self.bound)}"
                 )
         if self._measured_at != state.global_step:
             self.verify(state.global_step, args.output_dir)
@@ -219,6 +270,17 @@ class SparsityGuard(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.verify(state.global_step, args.output_dir)
+
+
+@torch.no_grad()
+def _weight_bound(check: SparsityCheck) -> float | None:
+    """:data:`DIVERGED_FACTOR` x the largest weight of the checked (pruned) layers, as they are now; None if unknown."""
+    weights = [getattr(module, "weight", None) for module in check.layers.values()]
+    weights = [local(w) for w in weights if isinstance(w, torch.Tensor) and w.numel() and not w.is_meta]
+    if not weights:
+        return None
+    largest = float(torch.stack([w.detach().abs().max().float() for w in weights]).max())
+    return DIVERGED_FACTOR * largest if math.isfinite(largest) and largest > 0 else None
 
 
 class TrainingProgress(TrainerCallback):

@@ -26,6 +26,7 @@ import os
 
 import torch
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from transformers.training_args import ParallelMode
 
 from prunetune.errors import UsageError
 from prunetune.recover.optimizers import OPTIMIZERS, optimizer_name
@@ -184,6 +185,12 @@ def check_sharding(method: str, training_args) -> None:
             f"--recovery_method full with --deepspeed {training_args.deepspeed}: DeepSpeed ZeRO flattens the weights into "
             "partitions the masks cannot follow. Shard with FSDP2 instead (--fsdp full_shard, the Trainer's FSDP version 2), "
             "use DDP (torchrun / accelerate launch without a sharding config), or an adapter method.")
+    mode = getattr(training_args, "parallel_mode", None)
+    if training_args.fsdp and mode is not None and mode != ParallelMode.DISTRIBUTED:
+        raise UsageError(
+            f"--fsdp {_fsdp_flag(training_args)} needs several processes (FSDP shards the model over them), and this "
+            "run is a single process. Launch it with torchrun --nproc_per_node N prunetune recover ... (or accelerate "
+            "launch), or drop --fsdp to train in one process.")
     settings = fsdp_settings(training_args)
     if settings is None:
         return
@@ -226,3 +233,10 @@ def check_sharding(method: str, training_args) -> None:
             "which a sharded model cannot do (every process must take part in its forward). Drop --do_eval and score "
             "the saved model afterwards: prunetune eval --model OUTPUT_DIR (for an adapter: --model BASE --lora_weights "
             "OUTPUT_DIR).")
+
+
+def _fsdp_flag(training_args) -> str:
+    """``--fsdp`` as given (the Trainer holds a list of ``FSDPOption``)."""
+    value = training_args.fsdp
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return " ".join(str(getattr(item, "value", item)) for item in items)

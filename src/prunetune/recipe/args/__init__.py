@@ -11,10 +11,11 @@ meaning; the few that cannot apply here are refused by name. One module per grou
 
 from prunetune.recipe.args.model_data import EVAL_SPLITS, RUN_CLM_ONLY, DataArguments, ModelArguments
 from prunetune.recipe.args.recovery import DISTILL_DEFAULTS, RecoveryArguments
-from prunetune.recipe.args.training import TRAINER_OPTIONS, RecoveryTrainingArguments
+from prunetune.recipe.args.training import LEARNING_RATES, TRAINER_OPTIONS, RecoveryTrainingArguments, resolve_learning_rate
 from prunetune.recover.registry import METHODS
 
-__all__ = ["ARGUMENT_CLASSES", "DISTILL_DEFAULTS", "EVAL_SPLITS", "METHODS", "RUN_CLM_ONLY", "TRAINER_OPTIONS",
-           "DataArguments", "ModelArguments", "RecoveryArguments", "RecoveryTrainingArguments"]
+__all__ = ["ARGUMENT_CLASSES", "DISTILL_DEFAULTS", "EVAL_SPLITS", "LEARNING_RATES", "METHODS", "RUN_CLM_ONLY",
+           "TRAINER_OPTIONS", "DataArguments", "ModelArguments", "RecoveryArguments", "RecoveryTrainingArguments",
+           "resolve_learning_rate"]
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, RecoveryArguments, RecoveryTrainingArguments)

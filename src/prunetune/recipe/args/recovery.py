@@ -20,6 +20,9 @@ from prunetune.recover.registry import METHODS
 # so KL + SquareHead without cross-entropy (the teacher's soft targets carry more than the
 # one-hot next token); README "Recovery with distillation" has the SmolLM2-135M figures.
 DISTILL_DEFAULTS = {"ce": 0.0, "kl": 1.0, "hidden": 1.0, "temperature": 1.0}
+# The settings that mean something only with --distill_from, and their defaults.
+DISTILL_ONLY = {"distill_ce_weight": DISTILL_DEFAULTS["ce"], "distill_kl_weight": DISTILL_DEFAULTS["kl"],
+                "distill_hidden_weight": DISTILL_DEFAULTS["hidden"], "distill_temperature": DISTILL_DEFAULTS["temperature"]}
 
 
 @dataclass
@@ -126,6 +129,12 @@ class RecoveryArguments:
                 f"--distill_chunk_tokens {self.distill_chunk_tokens!r} must be a positive integer.")
         require(self.distill_dtype in ("auto", "bfloat16", "float16", "float32"),
                 f"--distill_dtype {self.distill_dtype!r}; accepted: auto, bfloat16, float16, float32.")
+        if self.distill_from is None:
+            given = [f"--{name} {getattr(self, name)}" for name, default in DISTILL_ONLY.items()
+                     if getattr(self, name) != default]
+            require(not given, f"{', '.join(given)} given without --distill_from: distillation settings apply only with a "
+                               "teacher. Add --distill_from DENSE_MODEL (the model the student was pruned from), or drop "
+                               f"{'them' if len(given) > 1 else 'it'}.")
         if self.distill_from is not None:
             require(isinstance(self.distill_from, str) and self.distill_from.strip() != "",
                     f"--distill_from {self.distill_from!r} must name a model.")

@@ -25,8 +25,12 @@ TRAINER_OPTIONS = (
     "output_dir", "overwrite_output_dir", "do_train", "do_eval", "learning_rate", "per_device_train_batch_size",
     "per_device_eval_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_steps",
     "logging_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit",
-    "resume_from_checkpoint", "seed", "bf16", "fp16", "gradient_checkpointing", "optim", "disable_tqdm",
+    "keep_checkpoints", "resume_from_checkpoint", "seed", "bf16", "fp16", "gradient_checkpointing", "optim",
+    "disable_tqdm",
 )
+# --learning_rate when none is given: what suits each method (the Trainer's 5e-5 suits neither).
+LEARNING_RATES = {"lora": 1e-4, "masked_lora": 1e-4, "full": 2e-5}
+SAVE_STEPS = 500  # the Trainer's default checkpoint interval
 
 
 @dataclass
@@ -44,7 +48,10 @@ class RecoveryTrainingArguments(TrainingArguments):
     # The command exists to train; --do_train false only evaluates (with --do_eval).
     do_train: bool = field(default=True, metadata={"help": "Train (default; false: only evaluate)."})
     do_eval: bool = _trainer("do_eval", "Perplexity on held-out text, before and after training.")
-    learning_rate: float = _trainer("learning_rate", "Peak learning rate: 1e-4 suits the adapters, 2e-5 full.")
+    # None: chosen per method by resolve_learning_rate (recorded in recovery.json)
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate. Default: 1e-4 (adapters), 2e-5 (full); resumed: the "
+                                        "checkpoint's."})
     per_device_train_batch_size: int = _trainer("per_device_train_batch_size", "Blocks per step and device.")
     per_device_eval_batch_size: int = _trainer("per_device_eval_batch_size", "Evaluation windows per forward.")
     gradient_accumulation_steps: int = _trainer(
@@ -57,9 +64,14 @@ class RecoveryTrainingArguments(TrainingArguments):
     eval_strategy: IntervalStrategy | str = _trainer(
         "eval_strategy", "Also score the held-out text during training (eval_curve in recovery.json).")
     eval_steps: float | None = _trainer("eval_steps", "Evaluate every N steps. Default: --logging_steps.")
-    save_strategy: SaveStrategy | str = _trainer("save_strategy", "When to write checkpoints.")
-    save_steps: float = _trainer("save_steps", "A checkpoint every N steps.")
+    # None: not given -- checkpoints every 500 steps for resuming an interrupted run, removed once it finishes
+    save_strategy: SaveStrategy | str | None = field(
+        default=None, metadata={"help": "When to write checkpoints. Default: steps."})
+    save_steps: float | None = field(default=None, metadata={"help": f"A checkpoint every N steps. Default: {SAVE_STEPS}."})
     save_total_limit: int | None = _trainer("save_total_limit", "Keep the last N checkpoints. Default: all.")
+    keep_checkpoints: bool | None = field(
+        default=None,
+        metadata={"help": "Keep the checkpoints once the run finishes. Default: with --save_strategy/--save_steps."})
     resume_from_checkpoint: str | None = _trainer(
         "resume_from_checkpoint", "A checkpoint-N folder, or latest (the last complete one).")
     seed: int = _trainer("seed", "Seed of the adapter's init and the data order.")
@@ -83,6 +95,12 @@ class RecoveryTrainingArguments(TrainingArguments):
         require(self.output_dir is not None and str(self.output_dir).strip() != "",
                 "--output_dir is required: the folder for the adapter/model (and recovery.json) this run writes.")
         self._check_training_values()
+        if self.keep_checkpoints is None:  # asked for checkpoints: keep them
+            self.keep_checkpoints = self.save_strategy is not None or self.save_steps is not None
+        if self.save_strategy is None:
+            self.save_strategy = "steps"
+        if self.save_steps is None:
+            self.save_steps = SAVE_STEPS
         if self.gradient_checkpointing is not None and self.activation_checkpointing is None:
             # run_clm's name, taken as ours: no deprecation warning for the flag its users type
             self.activation_checkpointing = self.gradient_checkpointing
@@ -110,8 +128,12 @@ class RecoveryTrainingArguments(TrainingArguments):
             ok = ok and (value > minimum if strict else value >= minimum)
             require(ok, f"--{name} {value!r} is not accepted: {hint}.")
 
-        number("learning_rate", self.learning_rate, 0, integer=False, strict=True,
-               hint="give a positive finite number, e.g. 1e-4 (lora, masked_lora) or 2e-5 (full)")
+        require(self.do_train or self.do_eval,
+                "--do_train false without --do_eval does nothing: give --do_eval to only evaluate, or drop "
+                "--do_train false to train.")
+        if self.learning_rate is not None:
+            number("learning_rate", self.learning_rate, 0, integer=False, strict=True,
+                   hint="give a positive finite number, e.g. 1e-4 (lora, masked_lora) or 2e-5 (full)")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             number(name, getattr(self, name), 1, integer=True, strict=False, hint="give an integer of 1 or more")
         number("max_steps", self.max_steps, -1, integer=True, strict=False,
@@ -131,3 +153,10 @@ class RecoveryTrainingArguments(TrainingArguments):
             if value is not None:
                 number(name, value, 0, integer=False, strict=True,
                        hint="give a positive number of steps (below 1: a fraction of the run)")
+
+
+def resolve_learning_rate(args: RecoveryTrainingArguments, method: str, checkpoint_rate: float | None = None) -> float:
+    """Fill in ``--learning_rate`` when none was given: the checkpoint's on resume, else the method's default."""
+    if args.learning_rate is None:
+        args.learning_rate = checkpoint_rate or LEARNING_RATES[method]
+    return args.learning_rate
