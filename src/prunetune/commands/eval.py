@@ -1,9 +1,9 @@
 """``prunetune eval``: perplexity by the papers' protocol and/or zero-shot accuracy, optionally with a LoRA adapter.
 
 Accepts the seed's evaluate_ppl.py flags (``--model``, ``--lora_weights``, ``--ctx_length``).
-A local file named for evaluation (test.txt, ptb.valid.txt) is scored whole; any other file
-without split files is scored on its held-out first 5% (the part a recovery run did not train
-on), and the result line says which text was scored. For the papers' PTB numbers from a local
+A local file named for evaluation (test.txt, ptb.valid.txt) is scored whole; any other single
+file on its held-out first 5% (the part a recovery run on it does not train on); the result
+line says which text was scored (docs/evaluation.md). For the papers' PTB numbers from a local
 copy of the PTB test file, give --dataset ptb:PATH/ptb.test.txt (the ptb protocol: each line
 stripped, joined with " "); the same file as a plain path is scored as text, with other numbers.
 ``--tasks`` scores lm-eval tasks on the model as loaded here (a masked LoRA adapter applied
