@@ -8,7 +8,8 @@ downstream sees an ordinary transformers model and saves safetensors.
 
 Safetensors only, ``trust_remote_code`` off unless asked (and a warning when asked).
 Failures a user can cause (a missing folder, a hub id while offline, an unknown dtype, a
-device this machine lacks, a corrupt or truncated weights file) become :class:`UsageError`.
+device this machine lacks, a corrupt or truncated weights file, a GGUF without every tensor its
+model needs, a tokenizer whose special ids lie beyond the embedding) become :class:`UsageError`.
 """
 
 from __future__ import annotations
