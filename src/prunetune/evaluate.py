@@ -154,13 +154,15 @@ def perplexity(
 def evaluate_dataset(model, tokenizer, dataset: str, seqlen: int, batch_size: int = 8, split: str = "test",
                      max_windows: int | None = None, progress: bool = False, autocast_dtype=None,
                      cache_dir: str | None = None, *, validation_percent: float = 5.0,
-                     flag: str = "--dataset", desc: str = "perplexity") -> PerplexityResult:
+                     flag: str = "--dataset", desc: str = "perplexity", named_file_whole: bool = False) -> PerplexityResult:
     """Perplexity on a named data source (see :mod:`prunetune.data`).
 
     Args:
         validation_percent: a local source without split files is scored on its held-out
             first percentage of lines/records, never on text a model trained on (0: the whole source).
         flag: the option ``dataset`` came from, named in error messages.
+        named_file_whole: a single local file named for evaluation (``test.txt``) is scored whole;
+            for callers whose model never trained on it (see :func:`prunetune.data.load_documents`).
 
     Returns:
         The result, with ``dataset``, ``fingerprint`` and ``text`` (which text it was) set.
@@ -175,7 +177,7 @@ def evaluate_dataset(model, tokenizer, dataset: str, seqlen: int, batch_size: in
     check_seqlen(model, seqlen)
     check_validation_percent(validation_percent)
     stream, documents = eval_stream(tokenizer, dataset, seqlen=seqlen, split=split, cache_dir=cache_dir,
-                                    validation_percent=validation_percent, flag=flag)
+                                    validation_percent=validation_percent, flag=flag, named_file_whole=named_file_whole)
     result = perplexity(model, stream, seqlen, batch_size=batch_size, max_windows=max_windows,
                         progress=progress, autocast_dtype=autocast_dtype, desc=desc)
     result.dataset = dataset

@@ -34,8 +34,10 @@ def test_a_file_named_for_a_split_is_scored_whole(tmp_path, capsys):
     # a file that is not named for evaluation keeps its hold-out, and the line says exactly which part
     assert "held-out first 5% of lines (10 of 200)" in line
     assert held["windows"] < result["windows"]
-    # training on test.txt still skips its held-out part: only evaluation reads it whole
+    # a file that may also train (recover, a pipeline) keeps its hold-out: only evaluation-only callers read it whole
     assert "(190 of 200" in load_documents(str(named), "train").description
+    assert "held-out first 5% of lines (10 of 200)" in load_documents(str(named), "test").description
+    assert "whole (200 lines" in load_documents(str(named), "test", named_file_whole=True).description
 
 
 def test_a_local_ptb_file_gets_the_papers_ptb_protocol(tmp_path, capsys):

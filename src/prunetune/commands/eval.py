@@ -118,7 +118,7 @@ def main(argv: list[str]) -> int:
     if dataset is not None:  # the text before the weights: a hub dataset that cannot be had here costs no model load
         protocol = resolve(dataset, "--dataset").protocol
         load_documents(dataset, protocol.eval_split if protocol is not None and protocol.eval_split else args.split,
-                       args.cache_dir, flag="--dataset")
+                       args.cache_dir, flag="--dataset", named_file_whole=True)
     tokenizer = load_tokenizer(args.model, options)
     model = load_model(args.model, options)
     if dataset is not None:
@@ -137,7 +137,7 @@ def main(argv: list[str]) -> int:
 
         result = evaluate_dataset(model, tokenizer, dataset, seqlen, batch_size=args.batch_size, split=args.split,
                                   max_windows=args.max_windows, progress=True, autocast_dtype=autocast_for(model),
-                                  cache_dir=args.cache_dir)
+                                  cache_dir=args.cache_dir, named_file_whole=True)
         payload.update(result.to_dict())
         print(f"{evaluated} on {dataset} ({result.text}; {result.windows} x {seqlen} tokens): "
               f"perplexity {result.perplexity:.4f}")

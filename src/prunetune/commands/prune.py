@@ -143,7 +143,8 @@ def _perplexity(model, tokenizer, args, seqlen: int, when: str):
 
     return evaluate_dataset(model, tokenizer, args.eval_dataset, seqlen, batch_size=args.eval_batch_size, split=EVAL_SPLIT,
                             max_windows=args.eval_max_windows, progress=True, autocast_dtype=autocast_for(model),
-                            cache_dir=args.cache_dir, flag="--eval_dataset", desc=f"perplexity {when}")
+                            cache_dir=args.cache_dir, flag="--eval_dataset", desc=f"perplexity {when}",
+                            named_file_whole=True)
 
 
 def _needs_calibration(config) -> bool:
@@ -161,7 +162,7 @@ def _check_data(args: argparse.Namespace, config) -> None:
     protocol = resolve(args.eval_dataset, "--eval_dataset").protocol
     split = protocol.eval_split if protocol is not None and protocol.eval_split else EVAL_SPLIT
     try:
-        load_documents(args.eval_dataset, split, args.cache_dir, flag="--eval_dataset")
+        load_documents(args.eval_dataset, split, args.cache_dir, flag="--eval_dataset", named_file_whole=True)
     except UsageError as err:
         if not args.eval_defaulted:
             raise

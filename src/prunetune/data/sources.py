@@ -4,9 +4,10 @@ A *source* is ``builtin``, a hub name (``wikitext2``, ``c4``, ``ptb``), a local 
 of those datasets' hub layout (it gets that dataset's protocol), ``ptb:FILE`` (a local PTB
 text file read by the papers' ptb protocol), or a local file/folder.
 
-A single local file named for an evaluation split (``test.txt``, ``ptb.valid.txt``) is whole
-when the validation or test split is asked for: the user named it for evaluation, so holding
-out its first percentage (the rule for a file that also trains) would score only part of it.
+A single local file named for an evaluation split (``test.txt``, ``ptb.valid.txt``) is read whole
+for the validation or test split when the caller only evaluates (``named_file_whole``: ``prunetune
+eval``, ``prune``'s perplexity): the user named it for evaluation, so holding out its first
+percentage (the rule for a file that may also train) would score only part of it.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def check_validation_percent(validation_percent) -> None:
 
 
 def load_documents(source: str, split: str, cache_dir: str | None = None, *, validation_percent: float = 5.0,
-                   streaming: bool = False, flag: str = "--dataset") -> Documents:
+                   streaming: bool = False, flag: str = "--dataset", named_file_whole: bool = False) -> Documents:
     """The documents of ``split`` of ``source``.
 
     Args:
@@ -137,6 +138,8 @@ def load_documents(source: str, split: str, cache_dir: str | None = None, *, val
         streaming: read the rows as a ``datasets.IterableDataset`` without converting the
             source first (hub sources, JSON/Parquet files named by split).
         flag: the option the source came from, named in error messages.
+        named_file_whole: a single local file named for evaluation (:func:`named_for_evaluation`)
+            is read whole for the validation and test splits; for callers that never train on it.
 
     Raises:
         UsageError: unknown names, missing or unreadable files, empty data, a hub dataset
@@ -152,7 +155,7 @@ def load_documents(source: str, split: str, cache_dir: str | None = None, *, val
     if ref.protocol is not None:
         return load_hub(ref.protocol, split, source, cache_dir, ref.root, streaming, flag)
     path, _ = _split_path_field(source)
-    if split != "train" and validation_percent > 0 and path.is_file() and named_for_evaluation(path):
+    if named_file_whole and split != "train" and validation_percent > 0 and path.is_file() and named_for_evaluation(path):
         documents = load_local(source, split, cache_dir, 0, streaming)
         return dataclasses.replace(documents, description=documents.description.replace(
             "no held-out part: validation_percent=0", "the file is named for evaluation, so none of it is held out"))

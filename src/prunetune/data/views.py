@@ -99,6 +99,7 @@ def eval_stream(
     *,
     validation_percent: float = 5.0,
     flag: str = "--dataset",
+    named_file_whole: bool = False,
 ) -> tuple[torch.Tensor, Documents]:
     """The evaluation token stream (1, N) and the documents it came from.
 
@@ -110,11 +111,14 @@ def eval_stream(
         validation_percent: a local source without split files evaluates its held-out
             first percentage of lines/records (see :func:`prunetune.data.load_documents`).
         flag: the option the source came from, named in error messages.
+        named_file_whole: score a single local file named for evaluation (``test.txt``) whole
+            (see :func:`prunetune.data.load_documents`).
     """
     protocol = resolve(source, flag).protocol
     if protocol is not None and protocol.eval_split:
         split = protocol.eval_split
-    documents = load_documents(source, split, cache_dir, validation_percent=validation_percent, flag=flag)
+    documents = load_documents(source, split, cache_dir, validation_percent=validation_percent, flag=flag,
+                               named_file_whole=named_file_whole)
     stream = tokenize_stream(tokenizer, documents, cache_dir)
     if protocol is not None and protocol.eval_windows and seqlen:
         stream = stream[:, : protocol.eval_windows * seqlen]
