@@ -51,7 +51,7 @@ from prunetune.errors import UsageError
 from prunetune.masks import MaskSet, measure_sparsity
 from prunetune.modules import DecoderBlock, find_decoder_blocks, weight_matrix, weight_param_shape
 from prunetune.recover.full import KEPT_BUFFER, MaskEnforcer
-from prunetune.recover.reconstruction import reconstruction_error, train_window, window_outputs
+from prunetune.recover.reconstruction import outputs_and_error, reconstruction_error, train_window, window_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -224,27 +224,33 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(temporary, path)
 
 
+PARTS = ("train", "held")
+
+
 @dataclass
 class _Stream:
-    """One model's activations at the current window's input: training and held-out batches."""
+    """One model's activations at the current window's input, by part (training, held-out batches).
 
-    train: BlockInputs
-    held: BlockInputs
+    ``extras`` are the extra block arguments of each batch (attention mask, rotary tables...).
+    """
+
+    hidden: dict[str, list[torch.Tensor]]
+    extras: dict[str, list[tuple[tuple, dict]]]
 
 
-def _capture(model: nn.Module, blocks: list[DecoderBlock], train_ids: torch.Tensor, held_ids: torch.Tensor,
-             batch_size: int) -> _Stream:
+def _capture(model: nn.Module, blocks: list[DecoderBlock], ids: dict[str, torch.Tensor], batch_size: int) -> _Stream:
     options = CalibrationOptions(batch_size=batch_size)
-    held = capture_inputs(model, blocks, held_ids, options) if held_ids.shape[0] else BlockInputs()
-    return _Stream(capture_inputs(model, blocks, train_ids, options), held)
+    captured = {part: capture_inputs(model, blocks, ids[part], options) if ids[part].shape[0] else BlockInputs()
+                for part in PARTS}
+    return _Stream({part: captured[part].hidden for part in PARTS}, {part: captured[part].extras for part in PARTS})
 
 
-def _student_inputs(mode: str, alpha: float, teacher: list[torch.Tensor], student: list[torch.Tensor] | None) -> list[torch.Tensor]:
-    if mode == "dense":
+def _student_inputs(config: BlockwiseConfig, teacher: list[torch.Tensor], student: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    if config.input_mode == "dense":
         return teacher
-    if mode == "sparse":
+    if config.input_mode == "sparse":
         return student
-    return [torch.lerp(s, t.to(s.dtype), alpha) for s, t in zip(student, teacher)]  # alpha * t + (1 - alpha) * s
+    return [torch.lerp(s, t.to(s.dtype), config.mix_alpha) for s, t in zip(student, teacher)]  # alpha t + (1 - alpha) s
 
 
 def _calibration(calibration_ids: torch.Tensor, config: BlockwiseConfig) -> torch.Tensor:
@@ -294,38 +300,40 @@ def _reconstruct(student: nn.Module, teacher: nn.Module, student_blocks: list[De
                  progress: Progress | None) -> BlockwiseReport:
     started = time.perf_counter()
     masks = MaskSet.from_zeros(student)
-    held = config.held_out_count
-    train_ids, held_ids = ids[: len(ids) - held], ids[len(ids) - held:]
-    teacher_stream = _capture(teacher, teacher_blocks, train_ids, held_ids, config.batch_size)
-    # in dense mode the student's own stream is never an input
-    student_stream = (None if config.input_mode == "dense"
-                      else _capture(student, student_blocks, train_ids, held_ids, config.batch_size))
-    extras = (student_stream or teacher_stream)
+    split = len(ids) - config.held_out_count
+    parts = {"train": ids[:split], "held": ids[split:]}
+    teacher_stream = _capture(teacher, teacher_blocks, parts, config.batch_size)
+    # the student's own stream: what it sees at inference; never an input in dense mode
+    student_stream = None if config.input_mode == "dense" else _capture(student, student_blocks, parts, config.batch_size)
+    extras = (student_stream or teacher_stream).extras
     report = BlockwiseReport(config=dataclasses.asdict(config))
     for start in range(0, len(student_blocks), config.window):
         window = student_blocks[start: start + config.window]
-        teacher_window = teacher_blocks[start: start + config.window]
         modules = [block.module for block in window]
+        teacher_modules = [block.module for block in teacher_blocks[start: start + config.window]]
+        last = start + config.window >= len(student_blocks)
         tick = time.perf_counter()
         with ExitStack() as placed:
-            for block in window + teacher_window:
-                device = placed.enter_context(BlockPlacement(block.module, config.compute_device))
-            cache = ExtrasCache(device)
-            teacher_cache = ExtrasCache(device)
-            teacher_modules = [block.module for block in teacher_window]
-            targets = _Stream(*(BlockInputs(window_outputs(teacher_modules, part.hidden, part.extras, teacher_cache), part.extras)
-                                for part in (teacher_stream.train, teacher_stream.held)))
+            for module in modules + teacher_modules:
+                device = placed.enter_context(BlockPlacement(module, config.compute_device))
+            cache, teacher_cache = ExtrasCache(device), ExtrasCache(device)
+            targets = {part: window_outputs(teacher_modules, teacher_stream.hidden[part], teacher_stream.extras[part],
+                                            teacher_cache) for part in PARTS}
             loss = progress.load(start, window) if progress is not None else None
             if loss is None:
-                loss = _train(student, window, modules, masks, config, start, teacher_stream, student_stream, targets,
-                              extras, cache, tick)
+                inputs = {part: _student_inputs(config, teacher_stream.hidden[part],
+                                                student_stream.hidden[part] if student_stream else None) for part in PARTS}
+                loss, outputs = _train_window(student, window, masks, config, start, inputs, targets, extras, cache)
+                loss.seconds = time.perf_counter() - tick
                 if progress is not None:
                     progress.save(start, window, loss)
-            last = start + config.window >= len(student_blocks)
+            else:
+                outputs = None
             if student_stream is not None and not last:
-                for part in (student_stream.train, student_stream.held):
-                    part.hidden = window_outputs(modules, part.hidden, part.extras, cache)
-        teacher_stream = targets
+                for part in PARTS:  # sparse mode reuses the outputs its "after" error was measured on
+                    student_stream.hidden[part] = (outputs[part] if outputs is not None else
+                                                   window_outputs(modules, student_stream.hidden[part], extras[part], cache))
+        teacher_stream = _Stream(targets, teacher_stream.extras)
         report.windows.append(loss)
         logger.info("blocks %s: held-out error %s -> %s, train %.4g -> %.4g, %.1fs%s", loss.blocks,
                     _fmt(loss.held_before), _fmt(loss.held_after), loss.train_before, loss.train_after,
@@ -336,33 +344,26 @@ def _reconstruct(student: nn.Module, teacher: nn.Module, student_blocks: list[De
     return report
 
 
-def _train(student: nn.Module, window: list[DecoderBlock], modules: list[nn.Module], masks: MaskSet, config: BlockwiseConfig, start: int,
-           teacher_stream: _Stream, student_stream: _Stream | None, targets: _Stream, extras: _Stream,
-           cache: ExtrasCache, tick: float) -> WindowLoss:
-    """Train one window in place; its losses before and after."""
-    def inputs(part: str) -> list[torch.Tensor]:
-        own = getattr(student_stream, part).hidden if student_stream is not None else None
-        return _student_inputs(config.input_mode, config.mix_alpha, getattr(teacher_stream, part).hidden, own)
-
-    train_in, held_in = inputs("train"), inputs("held")
-
-    def errors() -> tuple[float, float | None]:
-        return (reconstruction_error(modules, train_in, targets.train.hidden, extras.train.extras, cache),
-                reconstruction_error(modules, held_in, targets.held.hidden, extras.held.extras, cache))
-
-    train_before, held_before = errors()
+def _train_window(student: nn.Module, window: list[DecoderBlock], masks: MaskSet, config: BlockwiseConfig, start: int,
+                  inputs: dict[str, list[torch.Tensor]], targets: dict[str, list[torch.Tensor]],
+                  extras: dict[str, list], cache: ExtrasCache) -> tuple[WindowLoss, dict[str, list[torch.Tensor]] | None]:
+    """Train one window in place: its losses, and in sparse mode its outputs on the student's stream."""
+    modules = [block.module for block in window]
+    before = {part: reconstruction_error(modules, inputs[part], targets[part], extras[part], cache) for part in PARTS}
     names = {block.qualified(relative) for block in window for relative in block.linears}
     enforcer = MaskEnforcer(student, MaskSet({name: masks.masks[name] for name in names}), remask="always")
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + start)
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + start)  # per window: resumable
     try:
-        epoch_losses = train_window(modules, enforcer, train_in, targets.train.hidden, extras.train.extras, cache,
+        epoch_losses = train_window(modules, enforcer, inputs["train"], targets["train"], extras["train"], cache,
                                     epochs=config.epochs, learning_rate=config.learning_rate, generator=generator)
     finally:
         for module in enforcer.layers.values():
             module._buffers.pop(KEPT_BUFFER, None)  # the mask buffers must not outlive the window
-    train_after, held_after = errors()
-    return WindowLoss([block.index for block in window], train_before, train_after, held_before, held_after,
-                      epoch_losses, time.perf_counter() - tick)
+    keep = config.input_mode == "sparse"
+    measured = {part: outputs_and_error(modules, inputs[part], targets[part], extras[part], cache, keep=keep) for part in PARTS}
+    loss = WindowLoss([block.index for block in window], before["train"], measured["train"][1], before["held"],
+                      measured["held"][1], epoch_losses, seconds=0.0)
+    return loss, ({part: measured[part][0] for part in PARTS} if keep else None)
 
 
 @torch.no_grad()

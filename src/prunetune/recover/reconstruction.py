@@ -45,16 +45,29 @@ def squared_errors(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Te
 
 
 @torch.no_grad()
-def reconstruction_error(modules: Sequence[nn.Module], inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
-                         extras: Sequence[tuple[tuple, dict]], cache: ExtrasCache) -> float | None:
-    """Sum of squared errors over all batches / sum of squared target norms; None without batches."""
-    if not inputs:
-        return None
+def outputs_and_error(modules: Sequence[nn.Module], inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                      extras: Sequence[tuple[tuple, dict]], cache: ExtrasCache,
+                      keep: bool = False) -> tuple[list[torch.Tensor] | None, float | None]:
+    """The window's outputs (stored like their inputs, when ``keep``) and its reconstruction error.
+
+    The error is the sum of squared errors over all batches over the sum of squared target
+    norms; None without batches.
+    """
+    outputs: list[torch.Tensor] | None = [] if keep else None
     error = norm = 0.0
     for hidden, target, extra in zip(inputs, targets, extras):
-        e, n = squared_errors(window_forward(modules, hidden, cache(extra), cache.device), target)
+        output = window_forward(modules, hidden, cache(extra), cache.device)
+        e, n = squared_errors(output, target)
         error, norm = error + float(e), norm + float(n)
-    return error / norm if norm else 0.0
+        if keep:
+            outputs.append(output.to(hidden.device))
+    return outputs, (error / norm if norm else 0.0) if inputs else None
+
+
+def reconstruction_error(modules: Sequence[nn.Module], inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
+                         extras: Sequence[tuple[tuple, dict]], cache: ExtrasCache) -> float | None:
+    """:func:`outputs_and_error`'s error alone."""
+    return outputs_and_error(modules, inputs, targets, extras, cache)[1]
 
 
 def train_window(modules: Sequence[nn.Module], enforcer: MaskEnforcer, inputs: Sequence[torch.Tensor],
