@@ -52,8 +52,8 @@ FILES = {
 # (id, argv with placeholders, substring the message must hold, output paths that must not exist)
 CASES = [
     # ---- eval
-    ("eval-truncated-weights", "eval --model TRUNC", "TRUNC/model.safetensors is corrupt or truncated", []),
-    ("eval-garbage-weights", "eval --model GARBAGE --json ppl.json", "GARBAGE/model.safetensors", ["ppl.json"]),
+    ("eval-truncated-weights", "eval --model TRUNC --dataset TEXT", "TRUNC/model.safetensors is corrupt or truncated", []),
+    ("eval-garbage-weights", "eval --model GARBAGE --dataset TEXT --json ppl.json", "GARBAGE/model.safetensors", ["ppl.json"]),
     ("eval-nan-model", "eval --model NANMODEL --dataset TEXT --seqlen 32 --max_windows 2 --json ppl.json",
      "weights hold NaN/inf (21 tensor(s), first model.embed_tokens.weight)", ["ppl.json"]),
     pytest.param("eval-device-cuda", "eval --model MODEL --device cuda", "--device 'cuda'", [], marks=NO_GPU),
@@ -72,7 +72,7 @@ CASES = [
     ("eval-missing-adapter", "eval --model MODEL --lora_weights no/adapter", "no/adapter does not exist", []),
     ("eval-dtype-choice", "eval --model MODEL --dtype float8", "'float8'", []),
     ("eval-batch-size-type", "eval --model MODEL --batch_size many", "'many'", []),
-    ("eval-missing-model", "eval --model ./no/such/model", "./no/such/model", []),
+    ("eval-missing-model", "eval --model ./no/such/model --dataset TEXT", "./no/such/model", []),
     # ---- sparsity
     ("sparsity-truncated", "sparsity TRUNC --json report.json", "TRUNC/model.safetensors", ["report.json"]),
     ("sparsity-json-is-folder", "sparsity MODEL --json RESULTS", "--json 'RESULTS' is a folder", []),
