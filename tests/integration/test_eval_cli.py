@@ -42,10 +42,13 @@ def test_a_file_named_for_a_split_is_scored_whole(tmp_path, capsys):
 
 def test_a_local_ptb_file_gets_the_papers_ptb_protocol(tmp_path, capsys):
     file = write_lines(tmp_path / "ptb.test.txt", 120, indent=" ")
-    documents = load_documents(f"ptb:{file}", "test")
+    documents = load_documents(f"ptb:{file}", "test", named_file_whole=True)
     sentences = [line.strip() for line in file.read_text().splitlines()]
     assert documents.joined() == " ".join(sentences)  # ptb_text_only's sentences, joined as the papers do
-    assert documents.joined() != load_documents(str(file), "test").joined()  # as plain text: another text
+    assert documents.joined() != load_documents(str(file), "test", named_file_whole=True).joined()  # as plain text
+    # a caller that may train on it (recover, a pipeline) holds the first 5% out, as for any single file
+    assert load_documents(f"ptb:{file}", "test").joined() == " ".join(sentences[:6])
+    assert load_documents(f"ptb:{file}", "train").joined() == " ".join(sentences[6:])
     line, result = run_eval(capsys, "--dataset", f"ptb:{file}")
     assert "by the papers' ptb protocol" in line and "whole (120 lines" in line
     tokenizer = load_tokenizer("tiny")

@@ -9,7 +9,8 @@ holds the text, how documents are joined, and which parts of the papers' protoco
 * ``wikitext2`` (raw): test joined with ``"\\n\\n"``, train with ``" "``;
 * ``ptb``: sentences joined with ``" "``; ``ptb:FILE`` applies it to a local copy of a PTB text
   file (``ptb.test.txt``: one sentence a line), each line stripped as the Hub's ``ptb_text_only``
-  loader does, so a local file gives the papers' numbers (scored as plain text it would not).
+  loader does, so a local file gives the papers' numbers (scored as plain text it would not);
+  the hold-out rule of a single local file applies unless the caller only evaluates.
 
 The files load through ``datasets.load_dataset(<repo>, data_files=...)``. With ``root`` (a
 local folder in the repository's own layout, e.g. ``root/en/c4-train.00000-of-01024.json.gz``)
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunetune.data.documents import TEXT, Documents, key_of, texts_digest
+from prunetune.data.local import held_out_count
 from prunetune.errors import UsageError
 
 
@@ -84,11 +86,13 @@ def split_protocol(source: str) -> tuple[HubSource, Path] | None:
     return None
 
 
-def load_protocol_file(spec: HubSource, path: Path, split: str, source: str) -> Documents:
+def load_protocol_file(spec: HubSource, path: Path, split: str, source: str, validation_percent: float = 0.0) -> Documents:
     """A local text file read by a hub source's protocol: a document per line, stripped, joined with its joiner.
 
-    The whole file is the split (the user named it): ``ptb:ptb.test.txt`` is the papers' PTB
-    test text whichever split is asked for.
+    Args:
+        validation_percent: 0 (what ``prunetune eval`` asks for): every split is the whole file, the user
+            named it. Otherwise, as for any single local file, validation and test are the first
+            percentage of lines and train the rest, so a run that trains on it never scores its training text.
     """
     import datasets
 
@@ -99,11 +103,17 @@ def load_protocol_file(spec: HubSource, path: Path, split: str, source: str) -> 
         raise UsageError(f"Cannot read {source}: {path} is not a readable UTF-8 text file ({err}).") from err
     if not any(lines):
         raise UsageError(f"The data source {source} is empty: {path} holds no text to read.")
+    total, part = len(lines), f"whole ({len(lines):,} lines)"
+    if validation_percent > 0:
+        held = held_out_count(total, validation_percent)
+        lines = lines[held:] if split == "train" else lines[:held]
+        part = (f"lines {held + 1:,}-{total:,} ({total - held:,} of {total:,}; the first {validation_percent:g}% are held out)"
+                if split == "train" else f"held-out first {validation_percent:g}% of lines ({held:,} of {total:,})")
     rows = datasets.Dataset.from_dict({TEXT: lines})
-    description = (f"{path}, whole ({len(lines):,} lines) by the papers' {spec.name} protocol (each line stripped, "
-                   f"joined with {spec.joiner_for(split)!r})")
-    key = key_of("protocol file v1", spec.name, spec.joiner_for(split), texts_digest(lines))
-    return Documents(source, split, rows, spec.joiner_for(split), description, key, protocol=spec)
+    joiner = spec.joiner_for(split)
+    description = f"{path}, {part} by the papers' {spec.name} protocol (each line stripped, joined with {joiner!r})"
+    key = key_of("protocol file v1", spec.name, joiner, texts_digest(lines))
+    return Documents(source, split, rows, joiner, description, key, protocol=spec)
 
 
 def hub_layout(path: Path) -> HubSource | None:

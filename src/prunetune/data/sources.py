@@ -151,7 +151,8 @@ def load_documents(source: str, split: str, cache_dir: str | None = None, *, val
     if ref.kind == "builtin":
         return builtin_documents(split)
     if ref.file is not None:
-        return load_protocol_file(ref.protocol, ref.file, split, source)
+        whole = named_file_whole and split != "train"  # ptb:FILE names a file for evaluation
+        return load_protocol_file(ref.protocol, ref.file, split, source, 0.0 if whole else validation_percent)
     if ref.protocol is not None:
         return load_hub(ref.protocol, split, source, cache_dir, ref.root, streaming, flag)
     path, _ = _split_path_field(source)
