@@ -171,14 +171,14 @@ def _load_from_hub(spec: HubSource, split: str, cache_dir: str | None, streaming
 
     reason = offline_reason()
     if reason is not None and streaming:  # a stream has no cache to fall back on
-        raise offline_error("dataset", spec.name, flag, reason, local_copy=local_copy_hint(spec))
+        raise offline_error("dataset", spec.name, flag, reason, local_copy=local_copy_hint(spec, split))
     try:
         with _offline_mode(reason is not None):
             return datasets.load_dataset(spec.repo, data_files={split: spec.files[split]}, split=split,
                                          revision=spec.revision, cache_dir=cache_dir, streaming=streaming)
     except Exception as err:  # offline and network failures surface as many types
         if reason is not None:
-            raise offline_error("dataset", spec.name, flag, reason, local_copy=local_copy_hint(spec)) from err
+            raise offline_error("dataset", spec.name, flag, reason, local_copy=local_copy_hint(spec, split)) from err
         raise UsageError(
             f"{flag} {spec.name}: could not load {spec.files[split]} from the Hub dataset {spec.repo} "
             f"({type(err).__name__}: {err}). Use a local file or folder, builtin, or a local copy of the files in the "
@@ -186,14 +186,14 @@ def _load_from_hub(spec: HubSource, split: str, cache_dir: str | None, streaming
         ) from err
 
 
-def local_copy_hint(spec: HubSource) -> str:
-    """How to get ``spec``'s protocol from local files, for the offline message."""
+def local_copy_hint(spec: HubSource, split: str = "test") -> str:
+    """How to get ``spec``'s protocol from local files, for the offline message about ``split``."""
     if spec.name in LINE_PROTOCOLS:
         return (f"For the papers' {spec.name} protocol on a local copy of the text, give {spec.name}:FILE, e.g. "
                 f"{spec.name}:data/{spec.name}.test.txt (each line stripped, joined with {spec.joiner!r}; the same file "
                 "given as a plain path is scored as text, which gives other numbers).")
     return (f"For the papers' {spec.name} protocol on local files, give a folder holding {spec.repo}'s files in "
-            f"its layout (e.g. DIR/{spec.files['test']}).")
+            f"its layout (e.g. DIR/{spec.files[split]}).")
 
 
 @contextlib.contextmanager
