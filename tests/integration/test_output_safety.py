@@ -383,3 +383,19 @@ def test_a_full_disk_while_merge_saves_names_the_folder_and_leaves_nothing(tmp_p
     message = err(capsys)
     assert str(out) in message and "No space left on device" in message and "Traceback" not in message
     assert not out.exists() and not list(tmp_path.glob(".merged.*"))
+
+
+@pytest.mark.parametrize("method, writer", [("lora", "peft.peft_model"), ("full", "transformers.modeling_utils")])
+def test_a_full_disk_while_recover_saves_is_a_usage_error_and_the_run_stays_unfinished(
+        workspace, tmp_path, monkeypatch, capsys, method, writer):  # noqa: F811
+    """recover writes in place (its checkpoints live there): the lock turns the failure into one paragraph, and the
+    folder's manifest still says the run has not finished, so no reader takes it for a result."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module(writer), "safe_save_file", full_disk("SafetensorError"))
+    out = tmp_path / method
+    assert main(recover_args(workspace, method, out, "--max_steps", "1")) == 2
+    message = err(capsys)
+    assert str(out) in message and "No space left on device" in message and "Traceback" not in message
+    assert json.loads((out / MANIFEST_NAME).read_text())["complete"] is False
+    assert not list(tmp_path.glob(f".{method}.lock*"))
