@@ -37,6 +37,8 @@ def write_failure(path: Path, error: BaseException, what: str = "Output folder")
     code = write_errno(error)
     cause = STORAGE_ERRNOS.get(code) or (os.strerror(code) if code else str(error))
     detail = getattr(error, "strerror", None) or str(error)
+    if getattr(error, "filename", None):  # it may lie outside the folder (a cache on the same full disk)
+        detail += f", writing {error.filename}"
     return UsageError(f"{what} {path} could not be written: {cause} ({detail}). Nothing half-written was left in its "
                       "place. Free space (or quota) on that file system or choose another location, then run the "
                       "command again.")
