@@ -25,6 +25,7 @@ from prunetune.commands.common import (
 )
 from prunetune.data import describe_sources, load_documents, resolve
 from prunetune.errors import UsageError
+from prunetune.loading import resolve_model_path
 from prunetune.outputs import check_output_file
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def _validate(args: argparse.Namespace):
     from prunetune.evaluate import check_window_options
 
     zeroshot = _zeroshot_settings(args)
+    resolve_model_path(args.model)  # a missing model path before anything about the data
     dataset = None
     if zeroshot is None or args.dataset is not None:
         check_window_options(args.seqlen, args.batch_size, args.max_windows, flags=True)

@@ -24,6 +24,7 @@ import sys
 from prunetune.commands.common import DEFAULT_DATA_HELP, CommandParser, add_model_arguments, default_data, load_options
 from prunetune.data import calibration_samples, describe_sources, load_documents, resolve
 from prunetune.errors import UsageError, require
+from prunetune.loading import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ def _validate(args: argparse.Namespace):
     from prunetune.data import check_source
     from prunetune.pruning import PruneConfig
 
+    resolve_model_path(args.model)  # a missing model path before anything about the data
     options = {k: v for k, v in (("blocksize", args.blocksize), ("percdamp", args.percdamp)) if v is not None}
     require(not options or args.prune_method == "sparsegpt",
             f"--blocksize/--percdamp are SparseGPT options; --prune_method is {args.prune_method!r}.")
