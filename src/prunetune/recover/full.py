@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -70,8 +70,12 @@ from prunetune.recover.sharding import (
     zero_fraction_over_ranks,
 )
 
-if TYPE_CHECKING:  # the recipe's arguments; a method reads only its own fields
-    from prunetune.recipe.args import RecoveryArguments
+
+class FullOptions(Protocol):
+    """The recipe's arguments as ``full`` reads them (a method reads only its own fields; the library
+    does not import the recipe)."""
+
+    remask_after_step: bool
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +295,7 @@ def masks_for_run(model: nn.Module, resume_dir: Path | None) -> MaskSet:
     return saved
 
 
-def setup_full(model: nn.Module, args: RecoveryArguments, resume_dir: Path | None = None) -> Setup:
+def setup_full(model: nn.Module, args: FullOptions, resume_dir: Path | None = None) -> Setup:
     """Train every parameter; masked layers keep their pruned weights at exactly zero."""
     masks = masks_for_run(model, resume_dir)
     model.requires_grad_(True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from peft import get_peft_model
 from torch import nn
@@ -30,8 +30,16 @@ from prunetune.recover.base import (
 )
 from prunetune.recover.masked_lora import MaskedLoraConfig
 
-if TYPE_CHECKING:  # the recipe's arguments; a method reads only its own fields
-    from prunetune.recipe.args import RecoveryArguments
+
+class LoraOptions(Protocol):
+    """The recipe's arguments as the adapter methods read them (a method reads only its own fields;
+    the library does not import the recipe)."""
+
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+
+    def target_patterns(self) -> list[str]: ...
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +78,7 @@ def relative_target_names(model: nn.Module, targets: dict[str, nn.Module]) -> li
     return sorted(names)
 
 
-def build_lora_config(model: nn.Module, args: RecoveryArguments, masked: bool) -> RecoveryLoraConfig:
+def build_lora_config(model: nn.Module, args: LoraOptions, masked: bool) -> RecoveryLoraConfig:
     targets = resolve_targets(model, args.target_patterns())
     conv1d = {not isinstance(m, nn.Linear) for m in targets.values()}  # GPT-2 Conv1D
     if len(conv1d) > 1:
@@ -87,7 +95,7 @@ def build_lora_config(model: nn.Module, args: RecoveryArguments, masked: bool) -
     )
 
 
-def _setup(model: nn.Module, args: RecoveryArguments, masked: bool) -> Setup:
+def _setup(model: nn.Module, args: LoraOptions, masked: bool) -> Setup:
     check = FrozenBaseCheck(base_layers(model))  # before wrapping: names of the plain model
     config = build_lora_config(model, args, masked)
     peft_model = get_peft_model(model, config)
@@ -107,11 +115,11 @@ def _setup(model: nn.Module, args: RecoveryArguments, masked: bool) -> Setup:
     return Setup(model=peft_model, check=check, saves_adapter=True, manifest=manifest)
 
 
-def setup_lora(model: nn.Module, args: RecoveryArguments, resume_dir: Path | None = None) -> Setup:
+def setup_lora(model: nn.Module, args: LoraOptions, resume_dir: Path | None = None) -> Setup:
     """Plain PEFT LoRA on the frozen model (merging it later densifies the adapted layers)."""
     return _setup(model, args, masked=False)
 
 
-def setup_masked_lora(model: nn.Module, args: RecoveryArguments, resume_dir: Path | None = None) -> Setup:
+def setup_masked_lora(model: nn.Module, args: LoraOptions, resume_dir: Path | None = None) -> Setup:
     """Masked LoRA: delta W = (B A) * M, merged sparsity equals the pruned sparsity."""
     return _setup(model, args, masked=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunetune.outputs import atomic_write_text
+from prunetune.report.curves import RecoveryCurve
 from prunetune.report.accuracy import accuracy_markdown, accuracy_terminal
 from prunetune.report.tables import (
     ResultRow,
@@ -21,20 +22,6 @@ from prunetune.report.tables import (
     table_notes,
     terminal_table,
 )
-
-
-@dataclass
-class RecoveryCurve:
-    """What one recovery run logged, against tokens trained (optimizer steps x global batch x block size).
-
-    ``perplexity`` is exp(eval_loss) on held-out blocks the run never trains on, the first point
-    (0 tokens) being the pruned model; ``dense_perplexity`` is the dense model on the same blocks.
-    """
-
-    loss: list[tuple[int, float]] = field(default_factory=list)  # (tokens, training loss)
-    perplexity: list[tuple[int, float]] = field(default_factory=list)  # (tokens, held-out perplexity)
-    dense_perplexity: float | None = None
-    text: str = ""  # which held-out text, when the run said
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from prunetune.report import RecoveryCurve
+    from prunetune.report.curves import RecoveryCurve
     from prunetune.report.tables import ResultRow
 
 STAGE_COLORS = {"dense": "#4c72b0", "prune": "#dd8452", "recover": "#55a868"}
