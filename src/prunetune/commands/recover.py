@@ -39,7 +39,8 @@ from prunetune.recipe.memory_estimate import report
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # Refinements of --memory_estimate, listed by --help-all only (--help stays a page).
 HELP_ALL_ONLY = ("memory_estimate_processes", "memory_estimate_budget_gb", "distill_dtype", "distill_ce_weight",
-                 "distill_temperature", "distill_chunk_tokens")
+                 "distill_temperature", "distill_chunk_tokens", "nsamples", "seqlen",
+                 "blockwise_input", "blockwise_window")
 
 USAGE = ("prunetune recover --model_name_or_path PRUNED --output_dir OUT [options]\n"
          "       prunetune recover ARGS.yaml   (the same keys, without the leading --)")
@@ -311,7 +312,7 @@ def summary(result) -> str:
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         lines.append(f"perplexity on {result.evaluation_text or result.eval_dataset}: {fmt(result.perplexity_before)} "
                      f"before, {fmt(result.perplexity_after)} after")
-    if result.method != "full" and result.steps:
+    if result.method not in ("full", "blockwise") and result.steps:
         lines.append(f"merge: prunetune merge --model {result.model} --adapter {result.output_dir} --save_model MERGED"
                      + (" (plain LoRA densifies: add --remask or --allow_dense)" if result.method == "lora" else ""))
     return "\n".join(lines)

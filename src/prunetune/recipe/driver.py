@@ -24,6 +24,7 @@ from prunetune.recipe.args import (
     RecoveryTrainingArguments,
     resolve_learning_rate,
 )
+from prunetune.recipe.blockwise import recover_blockwise
 from prunetune.recipe.build import (
     check_config,
     check_eval_seqlen,
@@ -64,6 +65,8 @@ def recover(model_args: ModelArguments, data_args: DataArguments, recovery_args:
         UsageError: bad input (see the messages), and ``TrainingStopped`` when the guard stops the run.
     """
     method = recovery_args.recovery_method
+    if method == "blockwise":  # no Trainer: each block against the dense model's (recipe/blockwise.py)
+        return recover_blockwise(model_args, data_args, recovery_args, training_args)
     # Sharding: full follows FSDP2's DTensor shards; DeepSpeed ZeRO and FSDP1 flatten weights (sharding.py).
     check_sharding(method, training_args)
     check_optimizer(training_args)  # bitsandbytes present, CUDA for its paged optimizers

@@ -11,4 +11,5 @@ from prunetune.recover.full import setup_full
 from prunetune.recover.lora import setup_lora, setup_masked_lora
 
 SETUPS = {"lora": setup_lora, "masked_lora": setup_masked_lora, "full": setup_full}
-METHODS = tuple(SETUPS)
+# blockwise trains block after block against the dense model, without the Trainer (prunetune.recipe.blockwise)
+METHODS = (*SETUPS, "blockwise")

@@ -31,8 +31,8 @@ class RecoveryArguments:
 
     recovery_method: str = field(
         default="lora",
-        metadata={"help": "lora (merging densifies), masked_lora (the update is masked: merging keeps the "
-                          "sparsity exactly) or full (every kept weight trains, pruned ones stay zero)."},
+        metadata={"help": "lora (merging densifies), masked_lora (merging keeps the sparsity exactly), full "
+                          "(kept weights train, pruned ones stay zero) or blockwise (per block, from --distill_from)."},
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: the update is scaled by alpha / r."})
@@ -92,6 +92,14 @@ class RecoveryArguments:
                           "batch 8 x 256: peak RSS of a full step +43%% over cross-entropy at 1024, +12%% at 256, "
                           "same CPU time)."},
     )
+    nsamples: int = field(default=128, metadata={"help": "blockwise: calibration windows of the training text."})
+    seqlen: int = field(default=256, metadata={"help": "blockwise: tokens per window."})
+    blockwise_input: str = field(
+        default="sparse",
+        metadata={"help": "blockwise: a block's input: sparse (the blocks before it, as reconstructed), dense "
+                          "(the dense model's) or mix (their average)."},
+    )
+    blockwise_window: int = field(default=1, metadata={"help": "blockwise: consecutive blocks trained together."})
     memory_estimate: bool = field(
         default=False,
         metadata={"help": "full: print the PREDICTED peak GPU memory of this model, dtype, optimizer and batch, and "
@@ -120,6 +128,11 @@ class RecoveryArguments:
         require(self.remask_after_step in ("auto", "always"), f"--remask_after_step {self.remask_after_step!r}; accepted: auto, always.")
         require(self.eval_seqlen is None or (is_int(self.eval_seqlen) and self.eval_seqlen >= 2),
                 f"--eval_seqlen {self.eval_seqlen!r} is too small; give an integer of 2 or more.")
+        for name in ("nsamples", "seqlen", "blockwise_window"):
+            value = getattr(self, name)
+            require(is_int(value) and value >= 1, f"--{name} {value!r} must be a positive integer.")
+        require(self.blockwise_input in ("sparse", "dense", "mix"),
+                f"--blockwise_input {self.blockwise_input!r}; accepted: sparse, dense, mix.")
         for name in ("distill_ce_weight", "distill_kl_weight", "distill_hidden_weight"):
             value = getattr(self, name)
             require(is_number(value) and value >= 0, f"--{name} {value!r} must be a number of 0 or more.")
