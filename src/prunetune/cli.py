@@ -41,7 +41,8 @@ def _usage() -> str:
     return (f"usage: prunetune [-v | -q] [--version] COMMAND [ARGS...]\n\ncommands:\n{rows}\n\n"
             "Progress bars and warnings show by default; -v adds what each step does\n"
             "(-vv: debug); -q shows only errors and results.\n"
-            "prunetune COMMAND --help shows a command's options.")
+            "prunetune COMMAND --help shows a command's main options and examples;\n"
+            "prunetune COMMAND --help-all, every option.")
 
 
 def configure_logging(verbose: int) -> None:

@@ -47,6 +47,7 @@ FILES = {
     "run_unknown.yaml": "model: tiny\noutput_dir: out\nprunee: []\n",
     "run_type.yaml": "model: tiny\noutput_dir: out\nseed: zero\n",
     "run_bad_yaml.yaml": "model: tiny\noutput_dir: [out\n",
+    "run_min.yaml": "model: tiny\noutput_dir: out\n",
 }
 
 # (id, argv with placeholders, substring the message must hold, output paths that must not exist)
@@ -123,6 +124,8 @@ CASES = [
     ("run-wrong-type", "run FILES/run_type.yaml", "config.seed: 'zero'", ["out"]),
     ("run-malformed", "run FILES/run_bad_yaml.yaml", "FILES/run_bad_yaml.yaml is not valid YAML", ["out"]),
     ("run-config-is-folder", "run RESULTS", "RESULTS is a folder", []),
+    ("run-output-foreign", "run FILES/run_min.yaml --output_dir RESULTS",
+     "output_dir RESULTS is not empty and holds no earlier pipeline run", ["out"]),
     # ---- output folders: refused before any work, nothing of the user's touched
     ("prune-save-model-foreign", "prune --model MODEL --prune_method magnitude --save_model RESULTS",
      "--save_model folder RESULTS already exists and is not empty", []),
@@ -349,8 +352,9 @@ def _families() -> dict[tuple[str, str], set[str]]:
             continue
         for group in parser._action_groups:
             flags = {flag for action in group._group_actions for flag in action.option_strings if flag.startswith("--")}
-            if flags - {"--help"}:
-                families[(command, group.title)] = flags - {"--help"}
+            flags -= {"--help", "--help-all", "--help_all"}
+            if flags:
+                families[(command, group.title)] = flags
     return families
 
 

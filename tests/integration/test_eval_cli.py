@@ -57,7 +57,7 @@ def test_a_local_ptb_file_gets_the_papers_ptb_protocol(tmp_path, capsys):
 
 def test_the_ptb_route_is_documented_in_help_and_offline(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
-        main(["eval", "--help"])
+        main(["eval", "--help-all"])
     assert "ptb:PATH/ptb.test.txt" in capsys.readouterr().out
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["eval", "--model", "tiny", "--dataset", "ptb", "--cache_dir", str(tmp_path / "empty")]) == 2

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prunetune.commands.common import CommandParser
+from prunetune.commands.common import CommandParser, add_help_pages
+from prunetune.commands.run import add_run_arguments, execute, overrides
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> CommandParser:
     parser = CommandParser(prog="prunetune demo", description=__doc__)
-    from prunetune.commands.run import add_run_arguments, execute, overrides
-
     add_run_arguments(parser)
-    args = parser.parse_args(argv)
+    return add_help_pages(parser, "demo")
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     from prunetune.pipeline import load_config
 
     return execute(load_config(DEMO_CONFIG, overrides(args)), quiet=args.quiet)

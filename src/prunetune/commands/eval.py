@@ -18,6 +18,7 @@ import logging
 from prunetune.commands.common import (
     DEFAULT_DATA_HELP,
     CommandParser,
+    add_help_pages,
     add_model_arguments,
     default_data,
     load_options,
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     zeroshot.add_argument("--num_fewshot", type=int, default=None, help="examples shown before each question (default: each task's own, 0 for the seven)")
     zeroshot.add_argument("--limit", default=None, help="score only the first N examples of each task (a whole number, 1 or more)")
     zeroshot.add_argument("--include_path", default=None, help="a folder of your own task YAMLs, searched before lm-eval's (docs/zeroshot.md)")
-    return parser
+    return add_help_pages(parser, "eval")
 
 
 def _zeroshot_settings(args: argparse.Namespace):

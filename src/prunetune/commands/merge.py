@@ -14,6 +14,7 @@ import logging
 from prunetune.commands.common import (
     DEFAULT_DATA_HELP,
     CommandParser,
+    add_help_pages,
     add_model_arguments,
     default_data,
     load_options,
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_windows", type=int, default=None, help="score only the first N windows")
     parser.add_argument("--no_eval", action="store_true", help="skip the --remask perplexity check")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the merge report as JSON to this file")
-    return parser
+    return add_help_pages(parser, "merge")
 
 
 def _dataset(args: argparse.Namespace) -> str:

@@ -21,7 +21,14 @@ import argparse
 import logging
 import sys
 
-from prunetune.commands.common import DEFAULT_DATA_HELP, CommandParser, add_model_arguments, default_data, load_options
+from prunetune.commands.common import (
+    DEFAULT_DATA_HELP,
+    CommandParser,
+    add_help_pages,
+    add_model_arguments,
+    default_data,
+    load_options,
+)
 from prunetune.data import calibration_samples, describe_sources, load_documents, resolve
 from prunetune.errors import UsageError, require
 from prunetune.loading import resolve_model_path
@@ -82,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--save_model", default=None, help="write the pruned model (safetensors, tokenizer, prunetune.json) to this folder")
     out.add_argument("--overwrite_output_dir", "--overwrite", dest="overwrite", action="store_true",
                      help="replace an existing --save_model folder written by prunetune, and an existing report in --save")
-    return parser
+    return add_help_pages(parser, "prune")
 
 
 def _same_folder(a: str, b: str) -> bool:

@@ -14,20 +14,20 @@ recovery / TrainingArguments dataclasses), or one .yaml/.json file of the same k
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import enum
 import re
-import shutil
 import typing
 
 from prunetune import recipe
 from prunetune.cli import configure_logging, progress_bars
+from prunetune.commands.common import HELP_PAGES, HelpFormatter, add_help_pages, help_width
 from prunetune.config import coerce, load_mapping
 from prunetune.errors import UsageError
 from prunetune.recipe.args import (
     ARGUMENT_CLASSES,
-    RUN_CLM_ONLY,
     TRAINER_OPTIONS,
     DataArguments,
     ModelArguments,
@@ -37,13 +37,8 @@ from prunetune.recipe.args import (
 from prunetune.recipe.memory_estimate import report
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-# Refinements of --memory_estimate, listed by --help-all only (--help stays a page).
-HELP_ALL_ONLY = ("memory_estimate_processes", "memory_estimate_budget_gb", "distill_dtype", "distill_ce_weight",
-                 "distill_temperature", "distill_chunk_tokens", "nsamples", "seqlen",
-                 "blockwise_input", "blockwise_window")
 
-USAGE = ("prunetune recover --model_name_or_path PRUNED --output_dir OUT [options]\n"
-         "       prunetune recover ARGS.yaml   (the same keys, without the leading --)")
+USAGE = HELP_PAGES["recover"].usage
 
 DESCRIPTION = """\
 Recover a pruned model's accuracy without losing its sparsity: train a LoRA
@@ -62,7 +57,8 @@ output: a progress bar per training run (loss, tokens/s, time left) and per
   evaluation, then a summary. More: -v (prunetune -v recover ...) also logs the
   Trainer's metrics at every logging step (-vv: debug). Less: -q hides the bars
   and the warnings.
-switches (--do_eval, --fp16, ...) take an optional true/false: --do_train false.
+switches (--do_eval, --fp16, ...) take an optional true/false: --do_train false
+  (or --no_do_train); every --snake_case flag is also accepted as --kebab-case.
 run_clm.py's other flags work too: --torch_dtype (same as --dtype), --streaming;
   --dataset_config_name, --preprocessing_num_workers, --low_cpu_mem_usage,
   --overwrite_cache, --use_fast_tokenizer and --keep_linebreaks change nothing
@@ -77,39 +73,27 @@ def build_parser():
     parser = HfArgumentParser(ARGUMENT_CLASSES, prog="prunetune recover", usage=USAGE, description=DESCRIPTION,
                               allow_abbrev=False)  # --learning_rat is a typo, not --learning_rate
     parser.error = _argument_error  # one paragraph instead of argparse's 150-line usage dump
-    parser.format_help = lambda: format_help(parser, full=False)
-    parser.add_argument("--help-all", "--help_all", action=_HelpAll, help="Every option, the Trainer's included.")
-    return parser
-
-
-class _HelpAll(argparse.Action):
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(format_help(parser, full=True))
-        parser.exit()
+    # --help: a page (commands/common.py's HELP_PAGES); --help-all: every dataclass field, grouped, below
+    return add_help_pages(parser, "recover", full_help=lambda: format_help(parser), entry=shown_action)
 
 
 # --------------------------------------------------------------------------- help
 
 
-def help_groups(full: bool) -> list[tuple[str, list[str]]]:
-    """(title, field names) of the help: prunetune's options first, then the Trainer's."""
+def help_groups() -> list[tuple[str, list[str]]]:
+    """(title, field names) of --help-all: prunetune's options first, then the Trainer's."""
     def names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls) if f.init and (full or f.name not in RUN_CLM_ONLY + HELP_ALL_ONLY)]
+        return [f.name for f in dataclasses.fields(cls) if f.init]
 
-    groups = [
+    featured = set(TRAINER_OPTIONS)
+    return [
         ("model", names(ModelArguments)),
         ("data", names(DataArguments)),
         ("recovery", names(RecoveryArguments)),
-        ("training (the Trainer's options that matter here; --help-all: all)", list(TRAINER_OPTIONS)),
+        ("training (the Trainer's options that matter here)", list(TRAINER_OPTIONS)),
+        ("other Trainer options (transformers.TrainingArguments)",
+         [n for n in names(RecoveryTrainingArguments) if n not in featured]),
     ]
-    if full:
-        featured = set(TRAINER_OPTIONS)
-        groups.append(("other Trainer options (transformers.TrainingArguments)",
-                       [n for n in names(RecoveryTrainingArguments) if n not in featured]))
-    return groups
 
 
 def _plain(text: str) -> str:
@@ -144,42 +128,37 @@ def _metavar(action) -> str | None:
     return "VALUE"
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Never breaks inside a flag, path or URL: help is copied from."""
+def shown_action(action: argparse.Action) -> argparse.Action:
+    """An option as the help shows it: its --snake_case name, plain text, its default stated once, a metavar
+    saying its type (none for a switch)."""
+    shown = copy.copy(action)
+    shown.option_strings = [f"--{action.dest}"]
+    shown.help = _plain(action.help or "")
+    default = _default_text(action.default)
+    if default is not None and "default" not in shown.help.lower():
+        shown.help += f" (default: {default})"
+    shown.metavar = _metavar(action)
+    shown.nargs = 0 if shown.metavar is None else None  # a switch; else one value (true/false is optional)
+    return shown
 
-    def _split_lines(self, text, width):
-        import textwrap
 
-        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
-
-
-def format_help(parser, full: bool) -> str:
-    """``prunetune recover --help`` (``full``: ``--help-all``), as plain text grouped by purpose."""
+def format_help(parser) -> str:
+    """``prunetune recover --help-all``: every option as plain text, grouped by purpose."""
     actions = {a.dest: a for a in parser._actions if f"--{a.dest}" in a.option_strings}
-    columns = min(shutil.get_terminal_size((100, 24)).columns, 100)
-    featured_and_ours = {name for _, names in help_groups(full=True)[:4] for name in names}
+    featured_and_ours = {name for _, names in help_groups()[:4] for name in names}
+    width = help_width()
     display = argparse.ArgumentParser(
         prog="prunetune recover", usage=USAGE, description=DESCRIPTION, add_help=False,
         epilog=EPILOG.format(others=sum(1 for d in actions if d not in featured_and_ours)),
-        formatter_class=lambda prog: _Formatter(prog, max_help_position=30, width=columns))
-    for title, names in help_groups(full):
+        formatter_class=lambda prog: HelpFormatter(prog, max_help_position=30, width=width))
+    for title, names in help_groups():
         group = display.add_argument_group(title)
         for name in names:
-            action = actions.get(name)
-            if action is None:
-                continue
-            text = _plain(action.help or "")
-            default = _default_text(action.default)
-            if default is not None and "default" not in text.lower():
-                text += f" (default: {default})"
-            metavar = _metavar(action)
-            if metavar is None:
-                group.add_argument(f"--{name}", action="store_true", help=text)
-            else:
-                group.add_argument(f"--{name}", metavar=metavar, help=text)
+            if name in actions:
+                group._add_action(shown_action(actions[name]))
     group = display.add_argument_group("help")
-    group.add_argument("-h", "--help", action="store_true", help="This help.")
-    group.add_argument("--help-all", action="store_true", help="Every option, the Trainer's included.")
+    group.add_argument("-h", "--help", action="store_true", help="A page: the flags of a first run, and examples.")
+    group.add_argument("--help-all", action="store_true", help="Every option (this list).")
     return display.format_help()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prunetune.commands.common import CommandParser
+from prunetune.commands.common import CommandParser, add_help_pages
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,11 +45,15 @@ def execute(config, quiet: bool = False) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> CommandParser:
     parser = CommandParser(prog="prunetune run", description=__doc__)
     parser.add_argument("config", help="a YAML or JSON pipeline config (see src/prunetune/configs/)")
     add_run_arguments(parser)
-    args = parser.parse_args(argv)
+    return add_help_pages(parser, "run")
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     from prunetune.pipeline import load_config
 
     return execute(load_config(args.config, overrides(args)), quiet=args.quiet)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prunetune.commands.common import CommandParser
+from prunetune.commands.common import CommandParser, add_help_pages
 from prunetune.outputs import read_manifest
 
 
@@ -38,12 +38,16 @@ def profile_table(profile: dict, measured: dict[int, float]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> CommandParser:
     parser = CommandParser(prog="prunetune sparsity", description=__doc__)
     parser.add_argument("model", help="hub id, local model folder, or 'tiny'")
     parser.add_argument("--json", dest="json_path", default=None, help="write the report as JSON to this file ('-' prints it)")
-    parser.add_argument("--trust_remote_code", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--trust_remote_code", action="store_true", help="allow code shipped with a hub model to run")
+    return add_help_pages(parser, "sparsity")
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
 
     from prunetune.commands.common import print_json
     from prunetune.outputs import check_output_file
