@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 
 from prunetune.errors import UsageError
+from prunetune.loading import TINY_NAME, TINY_PATH
+from prunetune.outputs import read_manifest
 
 # The papers' data for a model that is not the bundled one (Wanda, SparseGPT; the LoRA recipe trains on C4).
 PAPER_DATA = {"calibration": "c4", "evaluation": "wikitext2", "training": "c4"}
@@ -48,8 +50,6 @@ def default_data(role: str, *models: str | None) -> str:
 
 def from_bundled(model: str) -> bool:
     """True when ``model`` is the bundled tiny model or was made from it (see the module docstring)."""
-    from prunetune.loading import TINY_NAME
-
     name, folder = model, None
     seen: set[Path] = set()
     for _ in range(_MAX_HOPS):
@@ -81,8 +81,6 @@ def _local_folder(name: str, referrer: Path | None) -> Path | None:
 
 
 def _base_model(folder: Path) -> str | None:
-    from prunetune.outputs import read_manifest
-
     try:
         manifest = read_manifest(folder)
     except UsageError:  # a damaged manifest: the command reading the model says so; here it names no base
@@ -93,8 +91,6 @@ def _base_model(folder: Path) -> str | None:
 
 def _is_bundled_folder(folder: Path) -> bool:
     """The bundled folder itself, or a copy of it (its tokenizer, byte for byte)."""
-    from prunetune.loading import TINY_PATH
-
     if folder == Path(os.path.realpath(TINY_PATH)):
         return True
     ours, theirs = TINY_PATH / "tokenizer.json", folder / "tokenizer.json"

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from prunetune.data import check_validation_percent, eval_stream
 from prunetune.errors import UsageError, require
 from prunetune.loading import check_model, max_positions
 
@@ -167,8 +168,6 @@ def evaluate_dataset(model, tokenizer, dataset: str, seqlen: int, batch_size: in
     Returns:
         The result, with ``dataset``, ``fingerprint`` and ``text`` (which text it was) set.
     """
-    from prunetune.data import check_validation_percent, eval_stream
-
     check_model(model)
     require(tokenizer is not None and callable(tokenizer),
             f"tokenizer must be a loaded tokenizer (e.g. from prunetune.load_tokenizer), got {type(tokenizer).__name__}.")

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunetune.masks import measure_sparsity
+from prunetune.masks import measure_sparsity, zero_counts
+from prunetune.modules import find_decoder_blocks
+from prunetune.outputs import save_model_dir
 from prunetune.recover.masked_lora import MaskedLoraLinear, MaskedLoraVariant, merged_weight
 
 logger = logging.getLogger(__name__)
@@ -117,8 +119,6 @@ def prunable_weights(model: nn.Module) -> dict[str, nn.Module]:
 
     For an adapted layer this is its base layer; the LoRA matrices themselves are skipped.
     """
-    from prunetune.modules import find_decoder_blocks
-
     wrappers = set(tuner_layers_of(model))
     layers = {}
     for block in find_decoder_blocks(model):
@@ -140,8 +140,6 @@ def tuner_layers_of(model: nn.Module) -> dict[str, nn.Module]:
 
 def _untouched_zeros(peft_model: nn.Module, adapted: dict[str, nn.Module]) -> tuple[int, int]:
     """Zeros and size of the prunable layers that carry no adapter."""
-    from prunetune.masks import zero_counts
-
     untouched = {name: m for name, m in prunable_weights(peft_model.get_base_model()).items() if name not in adapted}
     return sum(zero_counts(untouched)), sum(m.weight.numel() for m in untouched.values())
 
@@ -198,8 +196,6 @@ def merge_adapter(peft_model: nn.Module, method: str, remask: bool = False) -> t
 
 def save_merged(model: nn.Module, tokenizer, path: str | Path, manifest: dict, overwrite: bool = False) -> Path:
     """Save the merged model folder atomically, with ``prunetune.json`` (manifest + measured sparsity)."""
-    from prunetune.outputs import save_model_dir
-
     report = measure_sparsity(model)
     manifest = {**manifest, "sparsity": report.to_dict()}
     return save_model_dir(model, tokenizer, path, manifest, overwrite=overwrite)

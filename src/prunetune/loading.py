@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from prunetune import gguf
 from prunetune.errors import UsageError
-from prunetune.hub import hub_failure, path_shaped, valid_repo_id
+from prunetune.hub import hub_failure, hub_offline, looks_like_path, path_shaped, valid_repo_id
+from prunetune.outputs import require_complete
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +69,6 @@ class LoadOptions:
 
 def _hub_kwargs(path: str) -> dict:
     """``local_files_only`` for a hub id when the Hub cannot be reached: the cache answers at once."""
-    from prunetune.hub import hub_offline
-
     return {"local_files_only": True} if not Path(path).is_dir() and hub_offline() else {}
 
 
@@ -84,8 +84,6 @@ def resolve_model_path(name_or_path: str) -> str:
         UsageError: a missing path, a file that is not a ``.gguf``, a folder with neither
             ``config.json`` nor one ``.gguf``, or a named model whose wheel is not installed.
     """
-    from prunetune import gguf
-
     if name_or_path == TINY_NAME:
         return str(TINY_PATH)
     if name_or_path in gguf.PACKAGED:
@@ -106,8 +104,6 @@ def resolve_model_path(name_or_path: str) -> str:
                              f"'tiny', or one of the named models: {', '.join(gguf.PACKAGED)}.")
         return str(path)
     # A hub id is "name" or "org/name"; anything else that does not exist is a bad path.
-    from prunetune.hub import looks_like_path
-
     if looks_like_path(name_or_path) or gguf.is_gguf(name_or_path) or (path_shaped(name_or_path) and not valid_repo_id(name_or_path)):
         raise UsageError(f"Model path {name_or_path!r} does not exist. Give an existing model folder or .gguf file, a hub "
                          "id such as meta-llama/Llama-2-7b-hf, 'tiny' for the bundled model, or one of the named models: "
@@ -117,9 +113,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def is_gguf_model(path: str) -> bool:
     """True when a :func:`resolve_model_path` result is a GGUF file (loaded by transformers' GGUF reader)."""
-    from prunetune.gguf import is_gguf
-
-    return is_gguf(path) and Path(path).is_file()
+    return gguf.is_gguf(path) and Path(path).is_file()
 
 
 def available_devices() -> list[str]:
@@ -208,8 +202,6 @@ def load_tokenizer(name_or_path: str, options: LoadOptions | None = None):
     if options.trust_remote_code:
         _warn_remote_code(name_or_path)
     if is_gguf_model(path):
-        from prunetune import gguf
-
         gguf.require_gguf_package(path)
         folder, file = gguf.split_path(path)
         try:
@@ -273,8 +265,6 @@ def load_model(name_or_path: str, options: LoadOptions | None = None):
     path = resolve_model_path(name_or_path)
     gguf_file = is_gguf_model(path)
     if Path(path).is_dir():
-        from prunetune.outputs import require_complete
-
         require_complete(path, "model folder")  # an unfinished recovery run's folder is not a model yet
     if options.device_map is None:
         check_device(options.device)
@@ -282,8 +272,6 @@ def load_model(name_or_path: str, options: LoadOptions | None = None):
     if options.trust_remote_code:
         _warn_remote_code(name_or_path)
     if gguf_file:
-        from prunetune import gguf
-
         gguf.require_gguf_package(path)
         folder, file = gguf.split_path(path)
         kwargs = dict(gguf_file=file, dtype=torch.float32 if dtype == "auto" else dtype,
@@ -323,8 +311,6 @@ def load_config(name_or_path: str, options: LoadOptions | None = None):
     options = options or LoadOptions()
     path = resolve_model_path(name_or_path)
     if is_gguf_model(path):
-        from prunetune import gguf
-
         gguf.require_gguf_package(path)
         folder, file = gguf.split_path(path)
         try:
@@ -354,9 +340,7 @@ def model_identity(name_or_path: str, sha256_cache=None) -> dict:
     """
     path = resolve_model_path(name_or_path)
     if is_gguf_model(path):
-        from prunetune.gguf import file_identity
-
-        return {"model": name_or_path, **file_identity(name_or_path, path, sha256_cache)}
+        return {"model": name_or_path, **gguf.file_identity(name_or_path, path, sha256_cache)}
     if Path(path).is_dir():
         return {"model": name_or_path, "path": str(Path(path).resolve())}
     return {"model": name_or_path}

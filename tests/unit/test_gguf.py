@@ -304,7 +304,8 @@ def test_pipeline_dequantizes_a_gguf_once_and_records_its_digest(gguf_file, tmp_
             gguf_loads.append(name)
         return real_load(name, options)
 
-    monkeypatch.setattr(loading, "load_model", counting_load)
+    for stage_module in ("prunetune.pipeline.run", "prunetune.pipeline.layer_error"):  # they import load_model
+        monkeypatch.setattr(f"{stage_module}.load_model", counting_load)
     text = tmp_path / "text.txt"
     text.write_text(TEXT * 200)
     raw = {"model": str(gguf_file), "output_dir": str(tmp_path / "run"), "dtype": "float32", "device": "cpu",

@@ -13,6 +13,7 @@ from torch import nn
 
 from prunetune.calibrate.blocks import Stop, TensorPool, map_tensors
 from prunetune.calibrate.types import BlockInputs, CalibrationOptions  # BlockInputs re-exported: its old home
+from prunetune.evaluate import model_device
 from prunetune.modules import DecoderBlock
 
 
@@ -24,8 +25,6 @@ def capture_inputs(model: nn.Module, blocks: list[DecoderBlock], token_ids: torc
     Hidden states are stored on the device they arrive on, or in (pinned, when CUDA is
     available) CPU memory with ``options.offload_activations``.
     """
-    from prunetune.evaluate import model_device
-
     input_device = model_device(model)
     inputs = BlockInputs()
     pool = TensorPool()

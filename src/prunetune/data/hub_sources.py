@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunetune.data.documents import TEXT, Documents, key_of, texts_digest
-from prunetune.data.local import held_out_count
+from prunetune.data.local import digest_memo, file_digest, held_out_count
 from prunetune.errors import UsageError
+from prunetune.hub import offline_error, offline_reason
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,6 @@ def hub_layout(path: Path) -> HubSource | None:
 def load_hub(spec: HubSource, split: str, source: str, cache_dir: str | None = None, root: Path | None = None,
              streaming: bool = False, flag: str = "--dataset") -> Documents:
     """The documents of ``split`` of ``spec``: from the Hub, or from ``root`` in the repository's layout."""
-    from prunetune.data.local import digest_memo, file_digest
-
     file = spec.files[split]
     if root is not None:
         path = Path(root) / file
@@ -166,8 +165,6 @@ def _load_local_file(path: Path, split: str, cache_dir: str | None, streaming: b
 
 def _load_from_hub(spec: HubSource, split: str, cache_dir: str | None, streaming: bool, flag: str):
     import datasets
-
-    from prunetune.hub import offline_error, offline_reason
 
     reason = offline_reason()
     if reason is not None and streaming:  # a stream has no cache to fall back on

@@ -35,6 +35,7 @@ from prunetune.data.local import (
     load_local,
 )
 from prunetune.errors import UsageError, require
+from prunetune.hub import looks_like_path
 
 SOURCES = HUB_SOURCES + ("builtin",)
 SPLITS = ("train", "validation", "test")
@@ -63,8 +64,6 @@ class SourceRef:
 
 def resolve(source: str, flag: str | None = None) -> SourceRef:
     """Check ``source`` and say what it names (see :func:`check_source`)."""
-    from prunetune.hub import looks_like_path
-
     label = f"{flag} {source}" if flag else f"The dataset path {source!r}"
     require(isinstance(source, str) and source.strip(), f"{flag or 'dataset'} {source!r}: give a data source, {describe_sources()}.")
     if source == "builtin":

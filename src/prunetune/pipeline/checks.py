@@ -3,7 +3,10 @@ loaded), the device, every local data file as its stage will read it, and every 
 
 from __future__ import annotations
 
+from prunetune.data import load_documents, resolve
 from prunetune.errors import UsageError, require
+from prunetune.loading import LoadOptions, check_device, load_config, load_tokenizer, max_positions
+from prunetune.modules import prunable_layers, weight_param_shape
 from prunetune.pipeline.config import PipelineConfig, setting_key
 
 
@@ -14,9 +17,6 @@ def check_model_shapes(config: PipelineConfig) -> int:
         UsageError: an N:M structure that does not tile a prunable layer, a window or block
             longer than the model's context, a model whose decoder blocks cannot be found.
     """
-    from prunetune.loading import max_positions
-    from prunetune.modules import prunable_layers, weight_param_shape
-
     skeleton = _skeleton(config)
     try:
         layers = prunable_layers(skeleton)
@@ -49,8 +49,6 @@ def _skeleton(config: PipelineConfig):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from prunetune.loading import LoadOptions, load_config
-
     model_config = load_config(config.model, LoadOptions(trust_remote_code=config.trust_remote_code, flag="config.model"))
     try:  # a GGUF file's config comes from its metadata
         with torch.device("meta"):
@@ -73,8 +71,6 @@ def check_inputs(config: PipelineConfig) -> None:
         UsageError: naming the config key: a device this machine lacks, a local data file that
             holds no readable text, a teacher that does not exist or cannot teach the model.
     """
-    from prunetune.data import load_documents, resolve
-    from prunetune.loading import LoadOptions, check_device, load_tokenizer
     from prunetune.recover.distill import DistillSettings, check_teacher
 
     check_device(config.device, "config.device")

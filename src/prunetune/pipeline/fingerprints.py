@@ -13,6 +13,8 @@ import logging
 import platform
 from pathlib import Path
 
+from prunetune import loading
+from prunetune.data import HUB_SOURCES, _split_path_field
 from prunetune.data.hub_sources import split_protocol
 from prunetune.digest import file_digest, file_stamp
 from prunetune.outputs import write_json
@@ -90,8 +92,6 @@ def data_identity(source: str, cache: FingerprintCache) -> str | dict:
     ``builtin`` is the running interpreter's standard library; hashing its documents costs
     seconds of reading, and it changes only with the interpreter, so its version stands in.
     """
-    from prunetune.data import HUB_SOURCES, _split_path_field
-
     if source in HUB_SOURCES:
         return source
     if source == "builtin":
@@ -110,8 +110,6 @@ def model_identity(name: str, cache: FingerprintCache, trust_remote_code: bool =
     id by name (its files live in the Hugging Face cache, and its revision is not pinned by the
     config).
     """
-    from prunetune import loading
-
     folder = Path(loading.resolve_model_path(name))
     if loading.is_gguf_model(str(folder)):
         return loading.model_identity(name, cache)

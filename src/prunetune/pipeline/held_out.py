@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
+from prunetune.evaluate import autocast_for, perplexity
+
 
 class HeldOutBlocks(TrainerCallback):
     """Keeps the token ids of the blocks the Trainer evaluates on, to score the dense model on the same text.
@@ -36,8 +38,6 @@ class HeldOutBlocks(TrainerCallback):
         self.input_ids = torch.cat(blocks) if blocks else None
 
     def perplexity(self, model, batch_size: int) -> float:
-        from prunetune.evaluate import autocast_for, perplexity
-
         blocks, block_size = self.input_ids.shape
         return perplexity(model, self.input_ids.reshape(1, -1), block_size, batch_size=batch_size,
                           max_windows=blocks, autocast_dtype=autocast_for(model)).perplexity

@@ -13,7 +13,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from prunetune.analysis import input_grams, layer_weights, reconstruction_errors
+from prunetune.data import calibration_samples
+from prunetune.evaluate import default_seqlen
+from prunetune.loading import load_model
 from prunetune.pipeline.stages import StageResult, stage_hash
+from prunetune.pruning.api import DEFAULT_SEQLEN_CAP
 
 Loader = Callable[[], dict]  # () -> qualified layer name -> (out, in) weight
 
@@ -34,11 +39,6 @@ def error_stage(pipeline, configurations: dict[str, tuple[str, Loader]]) -> Stag
               "configurations": {name: key for name, (key, _) in configurations.items()}}
 
     def work(directory: Path) -> dict:
-        from prunetune.analysis import input_grams, layer_weights, reconstruction_errors
-        from prunetune.data import calibration_samples
-        from prunetune.evaluate import default_seqlen
-        from prunetune.pruning.api import DEFAULT_SEQLEN_CAP
-
         dense = pipeline.load_dense()
         seqlen = calibration.seqlen or default_seqlen(dense, cap=DEFAULT_SEQLEN_CAP)
         # the first of the windows pruning calibrated on: same source, seed and length
@@ -57,9 +57,6 @@ def error_stage(pipeline, configurations: dict[str, tuple[str, Loader]]) -> Stag
 def weights_loader(pipeline, folder: Path, adapter: Path | None = None, remask: bool = False) -> Loader:
     """A function loading the prunable weights of a model folder, with a plain LoRA ``adapter`` merged in."""
     def load() -> dict:
-        from prunetune.analysis import layer_weights
-        from prunetune.loading import load_model
-
         model = load_model(str(folder), pipeline.load_options())
         if adapter is not None:
             from prunetune.export import merge_adapter

@@ -13,6 +13,11 @@ import logging
 import math
 from pathlib import Path
 
+from prunetune.loading import DTYPES, load_model
+from prunetune.masks import measure_sparsity
+from prunetune.memory import track_peak_memory
+from prunetune.pipeline.stages import memory_figures
+
 logger = logging.getLogger(__name__)
 
 # Settings that only add evaluation during training: left out of a stage's key while at their
@@ -29,8 +34,6 @@ def recovery_dtype(method: str, dtype: str) -> str:
     train float32 LoRA weights and may keep their frozen base in float16.
     """
     import torch
-
-    from prunetune.loading import DTYPES
 
     if method == "full" and DTYPES[dtype] is torch.float16:
         return "auto"
@@ -100,10 +103,6 @@ def recovery_arguments(pipeline, train_dir: Path, pruned_dir: Path, method: str,
 def run_recovery(pipeline, directory: Path, pruned_dir: Path, method: str, settings: dict) -> dict:
     """Train, evaluate the result as the report shows it, export it; returns the stage's summary."""
     from prunetune.export import merge_adapter, save_merged
-    from prunetune.loading import load_model
-    from prunetune.masks import measure_sparsity
-    from prunetune.memory import track_peak_memory
-    from prunetune.pipeline.stages import memory_figures
     from prunetune.recover.adapter import apply_adapter
 
     config = pipeline.config

@@ -15,13 +15,28 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prunetune.errors import UsageError
-from prunetune.outputs import write_json
+from prunetune.evaluate import autocast_for, default_seqlen, evaluate_dataset
+from prunetune.loading import LoadOptions, is_gguf_model, load_model, load_tokenizer, resolve_model_path
+from prunetune.masks import measure_sparsity
+from prunetune.memory import track_peak_memory
+from prunetune.outputs import (
+    atomic_write_text,
+    check_output_dir,
+    library_versions,
+    output_lock,
+    save_model_dir,
+    write_json,
+)
 from prunetune.pipeline import layer_error
 from prunetune.pipeline.checks import check_inputs, check_model_shapes
 from prunetune.pipeline.config import PipelineConfig, PruneSpec, RecoverySpec
 from prunetune.pipeline.fingerprints import FingerprintCache, data_identity, model_identity
 from prunetune.pipeline.recovery import hashed_settings, recovery_arguments, recovery_dtype, run_recovery
+from prunetune.pipeline.results import ReportCollector
 from prunetune.pipeline.stages import StageEvent, StageResult, StageRunner, memory_figures
+from prunetune.pruning import prune
+from prunetune.report import terminal_table, write_report
+from prunetune.zeroshot import TaskCatalog, evaluate_zeroshot
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +88,6 @@ class Pipeline:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def load_options(self):
-        from prunetune.loading import LoadOptions
-
         return LoadOptions(dtype=self.config.dtype, device=self.device(), trust_remote_code=self.config.trust_remote_code)
 
     def load_dense(self):
@@ -83,8 +96,6 @@ class Pipeline:
         Dequantizing a GGUF takes ~25 s for a 135M model and a run loads the dense weights once
         per stage; the copy holds the same tensors (saved in the run's dtype) and loads in ~1 s.
         """
-        from prunetune.loading import load_model
-
         return load_model(str(self.dense_source()), self.load_options())
 
     def dense_source(self) -> str | Path:
@@ -92,22 +103,16 @@ class Pipeline:
         return self._dense_copy or self.config.model
 
     def _is_gguf(self) -> bool:
-        from prunetune.loading import is_gguf_model, resolve_model_path
-
         return is_gguf_model(resolve_model_path(self.config.model))
 
     def tokenizer(self):
         if self._tokenizer is None:
-            from prunetune.loading import load_tokenizer
-
             self._tokenizer = load_tokenizer(self.config.model, self.load_options())
         return self._tokenizer
 
     def evaluate(self, model, label: str = "", zeroshot: bool = True) -> dict:
         """Perplexity on the config's evaluation text (``label``: what the progress bar is for), and the
         zero-shot accuracy on its tasks (``"zeroshot"``) when it names some, unless ``zeroshot`` is False."""
-        from prunetune.evaluate import autocast_for, default_seqlen, evaluate_dataset
-
         spec = self.config.evaluation
         seqlen = spec.seqlen or default_seqlen(model)
         result = evaluate_dataset(model, self.tokenizer(), spec.dataset, seqlen, batch_size=spec.batch_size,
@@ -124,8 +129,6 @@ class Pipeline:
         The task index is built once per run; each call loads the tasks afresh (lm-eval's task objects
         carry one run's requests), from the datasets cache after the first.
         """
-        from prunetune.zeroshot import TaskCatalog, evaluate_zeroshot
-
         spec = self.config.evaluation
         if self._task_catalog is None:
             self._task_catalog = TaskCatalog(spec.include_path)
@@ -181,8 +184,6 @@ class Pipeline:
         check_inputs(self.config)
         spec = self.config.evaluation
         if spec.tasks:  # every task loads (its data found) before any stage runs, not after the dense perplexity
-            from prunetune.zeroshot import TaskCatalog
-
             self._task_catalog = TaskCatalog(spec.include_path)
             self._task_catalog.load(list(spec.tasks), "config.evaluation.tasks")
 
@@ -207,15 +208,10 @@ class Pipeline:
     # ---- stages
     def dense_stage(self) -> StageResult:
         def work(directory: Path) -> dict:
-            from prunetune.loading import load_model
-            from prunetune.masks import measure_sparsity
-
             model = load_model(self.config.model, self.load_options())
             evaluation = self.evaluate(model, "dense")
             result = {"evaluation": evaluation, "sparsity": measure_sparsity(model).to_dict()}
             if self._is_gguf():  # later stages load this copy instead of dequantizing the file again
-                from prunetune.outputs import save_model_dir
-
                 save_model_dir(model, self.tokenizer(), directory / "model",
                                {"stage": "dense", "base_model": self.config.model,
                                 "base_model_identity": self.identity("model", self.config.model),
@@ -245,10 +241,6 @@ class Pipeline:
             inputs["sparsity_profile_file"] = self.fingerprints.file(Path(config.profile.source).expanduser())
 
         def work(directory: Path) -> dict:
-            from prunetune.memory import track_peak_memory
-            from prunetune.outputs import save_model_dir
-            from prunetune.pruning import prune
-
             with track_peak_memory(self.device()) as peak:  # loading and pruning; not the evaluation
                 model = self.load_dense()
                 report = prune(model, self.tokenizer(), config)
@@ -290,8 +282,6 @@ class Pipeline:
     # ---- the whole run
     def check_output_dir(self) -> None:
         """The run folder is new, empty, or an earlier run of a pipeline (stages are reused): never a foreign folder."""
-        from prunetune.outputs import check_output_dir
-
         root = self.root
         stages_key = "stages_dir" if self.config.stages_dir is not None else "output_dir"
         for key, folder in (("output_dir", root), (stages_key, self.config.stages_root())):
@@ -311,8 +301,6 @@ class Pipeline:
         """Check, then run every stage under a lock on the run folder (and on a shared stages folder)."""
         import contextlib
 
-        from prunetune.outputs import output_lock
-
         self.check()  # before anything is written
         self.check_output_dir()
         stages_root = Path(os.path.normpath(self.config.stages_root().absolute()))  # may be shared: tiny-full reuses the demo's
@@ -324,10 +312,6 @@ class Pipeline:
 
     def _run(self) -> PipelineResult:
         import yaml
-
-        from prunetune.outputs import atomic_write_text
-        from prunetune.pipeline.results import ReportCollector
-        from prunetune.report import terminal_table, write_report
 
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.root / RESOLVED_CONFIG, yaml.safe_dump(asdict(self.config), sort_keys=False))
@@ -362,8 +346,6 @@ class Pipeline:
 
     def _facts(self, dense: StageResult) -> dict:
         import torch
-
-        from prunetune.outputs import library_versions
 
         evaluation = dense.result["evaluation"]
         versions = library_versions()

@@ -34,6 +34,7 @@ from prunetune.errors import UsageError
 from prunetune.masks import layer_digests
 from prunetune.modules import weight_matrix
 from prunetune.masks import zero_counts
+from prunetune.outputs import MANIFEST_NAME, read_manifest, require_complete
 from prunetune.recover.masked_lora import (
     MASKED_PEFT_TYPE,
     MaskedLoraConfig,
@@ -60,8 +61,6 @@ def read_adapter_config(adapter_path: str | Path) -> dict:
         UsageError: not a folder, no adapter config (a full model folder gets its own hint),
             a config that is not a JSON object, neither LoRA nor masked LoRA, or a LoRA field of the wrong type.
     """
-    from prunetune.outputs import require_complete
-
     path = Path(adapter_path).expanduser()
     if path.is_dir():
         require_complete(path, "adapter folder")  # a run still training (or killed): its adapter is not final
@@ -139,8 +138,6 @@ def check_base(model: nn.Module, adapter_path: str | Path) -> None:
 
     Reads the folder's ``prunetune.json``; see :func:`check_base_manifest`.
     """
-    from prunetune.outputs import MANIFEST_NAME, read_manifest
-
     try:
         manifest = read_manifest(adapter_path)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

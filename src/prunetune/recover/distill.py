@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
 from prunetune.errors import UsageError
+from prunetune.modules import find_decoder_blocks
 # the teacher: checked before any work, loaded frozen, described for the results (re-exported from here)
 from prunetune.recover.teacher import check_teacher, describe_teacher, load_teacher, model_bytes  # noqa: F401
 
@@ -78,8 +79,6 @@ class Tap:
     """Forward hooks that keep a model's final hidden state and (optionally) each block's output."""
 
     def __init__(self, model: nn.Module, blocks: bool):
-        from prunetune.modules import find_decoder_blocks
-
         plain = _plain(model)
         self.head = plain.get_output_embeddings()
         if self.head is None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunetune.outputs import atomic_write_text
+from prunetune.report import plots
 from prunetune.report.curves import RecoveryCurve
 from prunetune.report.accuracy import accuracy_markdown, accuracy_terminal
 from prunetune.report.tables import (
@@ -49,8 +50,6 @@ def _curve_caption(curves: dict[str, RecoveryCurve]) -> str:
 
 def write_report(data: ReportData, out_dir: Path) -> Path:
     """Write report.md and the PNG plots into ``out_dir``; returns the report path."""
-    from prunetune.report import plots
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots.plot_perplexity(data.rows, out_dir / PLOTS["perplexity"])

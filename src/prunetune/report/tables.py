@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from prunetune.report.accuracy import accuracy_terminal
+
 
 @dataclass
 class ResultRow:
@@ -104,8 +106,6 @@ def markdown_table(rows: list[ResultRow]) -> str:
 
 def terminal_table(rows: list[ResultRow]) -> str:
     """The perplexity table, then the zero-shot table when any row has one (see prunetune.report.accuracy)."""
-    from prunetune.report.accuracy import accuracy_terminal
-
     accuracy = accuracy_terminal(rows)
     return _perplexity_terminal(rows) + (f"\n\n{accuracy}" if accuracy else "")
 

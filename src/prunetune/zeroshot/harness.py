@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 
+from prunetune.evaluate import autocast_for
 from prunetune.zeroshot.results import TaskScore, ZeroShotResult, metrics_of
 from prunetune.zeroshot.scope import kept_rng_states, quiet_lm_eval
 from prunetune.zeroshot.settings import ZeroShotSettings, check_settings
@@ -55,8 +56,6 @@ def evaluate_zeroshot(model, tokenizer, settings: ZeroShotSettings, *, catalog: 
     require_lm_eval()
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
-
-    from prunetune.evaluate import autocast_for
 
     catalog = catalog or TaskCatalog(settings.include_path)
     if tasks is None:

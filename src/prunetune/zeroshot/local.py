@@ -18,7 +18,9 @@ import json
 import random
 from pathlib import Path
 
+from prunetune.data.builtin import builtin_documents
 from prunetune.errors import UsageError, require
+from prunetune.zeroshot.tasks import SINGLE_TASK_KINDS, TaskCatalog
 
 NEXT_LINE_TASK = "builtin_next_line"
 CHOICES = 4
@@ -83,8 +85,6 @@ def write_next_line_task(folder: str | Path, examples: int = 200, fewshot_exampl
     on), few-shot examples (``--num_fewshot``) from its validation split. Metrics: acc and
     acc_norm (likelihood per byte of the line).
     """
-    from prunetune.data.builtin import builtin_documents
-
     folder = Path(folder).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -129,8 +129,6 @@ def write_local_task(folder: str | Path, task: str, data_files: dict[str, str], 
     Raises:
         UsageError: an unknown task, a group or tag, missing files, mixed file kinds, or no file for the scored split.
     """
-    from prunetune.zeroshot.tasks import SINGLE_TASK_KINDS, TaskCatalog
-
     manager = (catalog or TaskCatalog()).full_manager()
     entry = manager.task_index.get(task)
     if entry is None or entry.kind.name not in SINGLE_TASK_KINDS or entry.yaml_path is None:

@@ -13,7 +13,10 @@ import difflib
 import logging
 from pathlib import Path
 
+from prunetune.data.hub_sources import _offline_mode
+from prunetune.data.local import file_digest
 from prunetune.errors import UsageError
+from prunetune.hub import offline_reason
 from prunetune.zeroshot.scope import kept_rng_states, quiet_lm_eval
 from prunetune.zeroshot.settings import INSTALL_HINT, LM_EVAL_TESTED
 
@@ -166,8 +169,6 @@ def task_identity(include_path: str | None) -> str:
         return identity
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    from prunetune.data.local import file_digest
-
     folder = Path(include_path).expanduser().resolve()
     files = {path.resolve() for path in folder.rglob("*") if path.is_file() and "__pycache__" not in path.parts}
     for definition in sorted(folder.rglob("*.yaml")):
@@ -210,9 +211,6 @@ def dataset_of(config: dict) -> str:
 
 
 def _load_one(manager, name: str, key: str) -> dict:
-    from prunetune.data.hub_sources import _offline_mode
-    from prunetune.hub import offline_reason
-
     entry = manager.task_index[name]
     reason = offline_reason() if _may_need_hub(entry) else None
     try:
