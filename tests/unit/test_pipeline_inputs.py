@@ -135,3 +135,24 @@ def test_an_output_folder_that_is_a_file_is_a_usage_error(inputs, tmp_path, monk
     err = " ".join(capsys.readouterr().err.split())  # the CLI wraps its message
     assert f"{key} " in err and "is a file" in err and "Traceback" not in err
     assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("setting", [{"distill_kl_weight": 0.5}, {"distill_temperature": 2.0},
+                                     {"method_overrides": {"lora": {"distill_ce_weight": 1.0}}}])
+def test_a_distillation_setting_without_a_teacher_is_refused(inputs, setting):
+    raw, _, _ = inputs
+    del raw["recover"][0]["distill_from"]
+    raw["recover"][0].update(setting)
+    name = next(iter(setting)) if "method_overrides" not in setting else "method_overrides.lora.distill_ce_weight"
+    with pytest.raises(UsageError, match=rf"config\.recover\[0\]\.{name}: .* without distill_from"):
+        load_config(raw)
+
+
+def test_distillation_defaults_without_a_teacher_and_an_opted_out_method_are_accepted(inputs):
+    raw, _, _ = inputs
+    entry = raw["recover"][0]
+    entry.update(methods=["lora", "full"], distill_kl_weight=0.5, method_overrides={"full": {"distill_from": None}})
+    load_config(raw)  # the weights are for lora, the method that distils
+    del entry["distill_from"], entry["distill_kl_weight"], entry["method_overrides"]
+    entry.update(distill_ce_weight=0.0, distill_temperature=1.0)  # the defaults, written out
+    load_config(raw)

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Literal
 
 from prunetune.config import from_mapping, load_mapping
+from prunetune.data import SPLITS, check_local_file, check_source
+from prunetune.defaults import default_data
 from prunetune.errors import UsageError, require
+from prunetune.loading import DTYPES
+from prunetune.pruning import PruneConfig
+from prunetune.zeroshot import TaskCatalog, ZeroShotSettings, check_settings, parse_tasks
+from prunetune.zeroshot.tasks import task_identity
 
 
 @dataclass
@@ -47,9 +53,6 @@ class EvaluationSpec:
 
     def __post_init__(self):
         """Checks the zero-shot keys: values, then the task names against lm-eval's index (seconds, only with tasks)."""
-        from prunetune.zeroshot import TaskCatalog, check_settings, parse_tasks
-        from prunetune.zeroshot.tasks import task_identity
-
         self.task_identity = None
         if self.tasks is None:
             for key in ("num_fewshot", "limit", "include_path"):
@@ -64,8 +67,6 @@ class EvaluationSpec:
 
     def zeroshot_settings(self):
         """The :class:`prunetune.zeroshot.ZeroShotSettings` of these keys (None without tasks)."""
-        from prunetune.zeroshot import ZeroShotSettings
-
         if not self.tasks:
             return None
         return ZeroShotSettings(tasks=list(self.tasks), num_fewshot=self.num_fewshot, limit=self.limit,
@@ -187,10 +188,6 @@ class PipelineConfig:
     progress: bool = True  # progress bars (stage lines are printed by the CLI either way, unless -q)
 
     def __post_init__(self):
-        from prunetune.data import SPLITS, check_local_file, check_source
-        from prunetune.defaults import default_data
-        from prunetune.loading import DTYPES
-
         require(self.dtype in DTYPES, f"config.dtype: {self.dtype!r} is not accepted; use one of {', '.join(DTYPES)}.")
         calibration, evaluation = self.calibration, self.evaluation
         if calibration.dataset is None:
@@ -239,8 +236,6 @@ class PipelineConfig:
 
     def prune_config(self, spec: PruneSpec):
         """The :class:`prunetune.pruning.PruneConfig` of one prune entry (validates it)."""
-        from prunetune.pruning import PruneConfig
-
         calibration = self.calibration
         return PruneConfig(method=spec.method, sparsity_ratio=spec.sparsity_ratio, sparsity_type=spec.sparsity_type,
                            use_variant=spec.use_variant, nsamples=calibration.nsamples, seqlen=calibration.seqlen,
@@ -305,9 +300,22 @@ def _check_recovery(settings: dict, key: Callable[[str], str]) -> None:
             f"{key('distill_temperature')}: {temperature} is not accepted; give a positive number.")
     require(settings["distill_dtype"] in ("auto", "bfloat16", "float16", "float32"),
             f"{key('distill_dtype')}: {settings['distill_dtype']!r} is not accepted; use auto, bfloat16, float16 or float32.")
+    if settings["distill_from"] is None:
+        # a method an entry's override opts out of distilling keeps the entry's weights (they are for the others)
+        opted_out = ".method_overrides." in key("distill_from")
+        given = [f"{key(name)}: {settings[name]}" for name in DISTILL_ONLY if settings[name] != DISTILL_ONLY[name]
+                 and (not opted_out or ".method_overrides." in key(name))]
+        require(not given, f"{', '.join(given)} set without distill_from: distillation settings apply only with a "
+                           "teacher. Add distill_from (dense, this pipeline's own dense model, or a model path or name) "
+                           f"to the entry, or drop {'them' if len(given) > 1 else 'it'}.")
     if settings["distill_from"] is not None:
         require(settings["distill_ce_weight"] + settings["distill_kl_weight"] + settings["distill_hidden_weight"] > 0,
                 f"{key('distill_kl_weight')}: the three distill_*_weight keys are all 0: nothing to train on.")
+
+
+# The recover keys that mean something only with distill_from, and their defaults (those of prunetune recover).
+DISTILL_ONLY = {name: RecoverySpec.__dataclass_fields__[name].default
+                for name in ("distill_ce_weight", "distill_kl_weight", "distill_hidden_weight", "distill_temperature")}
 
 
 def load_config(path_or_mapping, overrides: dict | None = None) -> PipelineConfig:
