@@ -399,3 +399,49 @@ def test_a_full_disk_while_recover_saves_is_a_usage_error_and_the_run_stays_unfi
     assert str(out) in message and "No space left on device" in message and "Traceback" not in message
     assert json.loads((out / MANIFEST_NAME).read_text())["complete"] is False
     assert not list(tmp_path.glob(f".{method}.lock*"))
+
+
+# --------------------------------------------------------------------------- an output apart from the inputs
+
+
+def _model_folder(folder):
+    """A model folder as prunetune writes it (its manifest would let --overwrite_output_dir replace it)."""
+    from prunetune.loading import load_model, load_tokenizer
+    from prunetune.outputs import save_model_dir
+
+    save_model_dir(load_model("tiny"), load_tokenizer("tiny"), folder, {"stage": "test"})
+    return folder
+
+
+@pytest.mark.parametrize("where", ["is_model", "inside_model"])
+def test_prune_save_model_overlapping_its_model_is_refused(where, tmp_path, capsys):
+    model = _model_folder(tmp_path / "model")
+    before = snapshot(model)
+    out = model if where == "is_model" else model / "pruned"
+    argv = prune_args(out, "--overwrite_output_dir")
+    argv[argv.index("--model") + 1] = str(model)
+    assert main(argv) == 2
+    message = err(capsys)
+    assert "--save_model" in message and "--model" in message and "Traceback" not in message
+    assert snapshot(model) == before
+
+
+@pytest.mark.parametrize("where", ["is_model", "inside_model", "is_adapter", "inside_adapter"])
+def test_merge_save_model_overlapping_its_inputs_is_refused(where, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    from prunetune.loading import load_model
+
+    model = _model_folder(tmp_path / "model")
+    adapter = tmp_path / "adapter"
+    get_peft_model(load_model("tiny"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
+    before = snapshot(model), snapshot(adapter)
+    out = {"is_model": model, "inside_model": model / "merged", "is_adapter": adapter,
+           "inside_adapter": adapter / "merged"}[where]
+    argv = ["merge", "--model", str(model), "--adapter", str(adapter), "--save_model", str(out), "--allow_dense",
+            "--no_eval", "--overwrite_output_dir"]
+    assert main(argv) == 2
+    message = err(capsys)
+    assert "--save_model" in message and ("--model" in message if "model" in where else "--adapter" in message)
+    assert "Traceback" not in message
+    assert (snapshot(model), snapshot(adapter)) == before

@@ -58,8 +58,9 @@ def _perplexity(model, tokenizer, args) -> float:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from prunetune.loading import resolve_model_path
-    from prunetune.outputs import check_output_dir, check_output_file, output_lock, require_complete
+    from prunetune.outputs import check_apart, check_output_dir, check_output_file, output_lock, require_complete
 
+    check_apart(args.save_model, {"--model": args.model, "--adapter": args.adapter}, flag="--save_model")
     check_output_dir(args.save_model, overwrite=args.overwrite, what="--save_model folder")
     if args.json_path and args.json_path != "-":
         check_output_file(args.json_path)

@@ -102,9 +102,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """--save / --save_model before any work: never replace what the user did not ask to replace."""
     from pathlib import Path
 
-    from prunetune.outputs import check_output_dir, check_output_file
+    from prunetune.outputs import check_apart, check_output_dir, check_output_file
 
     if args.save_model:
+        check_apart(args.save_model, {"--model": args.model}, flag="--save_model")
         check_output_dir(args.save_model, overwrite=args.overwrite, what="--save_model folder")
     if args.save and not (args.save_model and _same_folder(args.save, args.save_model)):
         report = Path(args.save) / REPORT_NAME
