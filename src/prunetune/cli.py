@@ -12,6 +12,7 @@ import logging
 import sys
 import textwrap
 
+from prunetune import __version__
 from prunetune.errors import UsageError
 
 COMMANDS = {
@@ -31,8 +32,6 @@ def _version() -> str:
     try:
         return version("prunetune")
     except PackageNotFoundError:  # a source tree on sys.path, not installed
-        from prunetune import __version__
-
         return __version__
 
 

@@ -78,7 +78,7 @@ def test_the_result_line_names_base_and_adapter(tmp_path, capsys):
 
 
 def test_unavailable_default_data_is_refused_before_the_weights_load(tmp_path, capsys, monkeypatch):
-    import prunetune.loading
+    import prunetune.commands.eval
     from factories import save_model_folder
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -87,7 +87,7 @@ def test_unavailable_default_data_is_refused_before_the_weights_load(tmp_path, c
     def refuse(*args, **kwargs):
         raise AssertionError("the weights loaded before the data was checked")
 
-    monkeypatch.setattr(prunetune.loading, "load_model", refuse)
+    monkeypatch.setattr(prunetune.commands.eval, "load_model", refuse)
     assert main(["eval", "--model", str(tmp_path / "model"), "--cache_dir", str(tmp_path / "empty")]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("prunetune: error: --dataset wikitext2: this dataset comes from the Hugging Face Hub")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prunetune.commands.common import CommandParser, add_help_pages
 from prunetune.commands.run import add_run_arguments, execute, overrides
+from prunetune.pipeline import load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -26,6 +27,5 @@ def build_parser() -> CommandParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from prunetune.pipeline import load_config
 
     return execute(load_config(DEMO_CONFIG, overrides(args)), quiet=args.quiet)

@@ -24,10 +24,20 @@ from prunetune.commands.common import (
     load_options,
     print_json,
 )
-from prunetune.data import describe_sources, load_documents, resolve
+from prunetune.data import check_source, describe_sources, load_documents, resolve
 from prunetune.errors import UsageError
-from prunetune.loading import resolve_model_path
-from prunetune.outputs import check_output_file
+from prunetune.evaluate import autocast_for, check_seqlen, check_window_options, default_seqlen, evaluate_dataset
+from prunetune.loading import load_model, load_tokenizer, resolve_model_path
+from prunetune.outputs import check_output_file, write_json
+from prunetune.zeroshot import (
+    TaskCatalog,
+    ZeroShotSettings,
+    check_settings,
+    evaluate_zeroshot,
+    format_table,
+    parse_limit,
+    parse_tasks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _zeroshot_settings(args: argparse.Namespace):
     """The zero-shot settings (None without --tasks); a zero-shot flag without --tasks is refused."""
-    from prunetune.zeroshot import (
-        ZeroShotSettings,
-        check_settings,
-        parse_limit,
-        parse_tasks,
-    )
-
     if args.tasks is None:
         given = [flag for flag, value in (("--num_fewshot", args.num_fewshot), ("--limit", args.limit),
                                           ("--include_path", args.include_path)) if value is not None]
@@ -83,9 +86,6 @@ def _zeroshot_settings(args: argparse.Namespace):
 
 def _validate(args: argparse.Namespace):
     """Every check that needs no model: the data, window sizes, tasks, device, adapter and --json path."""
-    from prunetune.data import check_source
-    from prunetune.evaluate import check_window_options
-
     zeroshot = _zeroshot_settings(args)
     resolve_model_path(args.model)  # a missing model path before anything about the data
     dataset = None
@@ -110,12 +110,8 @@ def _validate(args: argparse.Namespace):
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     dataset, zeroshot, options = _validate(args)
-    from prunetune.loading import load_model, load_tokenizer
-    from prunetune.outputs import write_json
 
     if zeroshot is not None:  # names and data before the model loads: a bad task costs no model load
-        from prunetune.zeroshot import TaskCatalog
-
         catalog = TaskCatalog(zeroshot.include_path)
         tasks = catalog.load(zeroshot.tasks)
     if dataset is not None:  # the text before the weights: a hub dataset that cannot be had here costs no model load
@@ -125,8 +121,6 @@ def main(argv: list[str]) -> int:
     tokenizer = load_tokenizer(args.model, options)
     model = load_model(args.model, options)
     if dataset is not None:
-        from prunetune.evaluate import check_seqlen, default_seqlen
-
         seqlen = default_seqlen(model) if args.seqlen is None else args.seqlen  # 0 is rejected above, not a default
         check_seqlen(model, seqlen)
     if args.lora_weights:
@@ -136,8 +130,6 @@ def main(argv: list[str]) -> int:
     payload = {"model": args.model, "lora_weights": args.lora_weights}
     evaluated = args.model + (f" + adapter {args.lora_weights}" if args.lora_weights else "")
     if dataset is not None:
-        from prunetune.evaluate import autocast_for, evaluate_dataset
-
         result = evaluate_dataset(model, tokenizer, dataset, seqlen, batch_size=args.batch_size, split=args.split,
                                   max_windows=args.max_windows, progress=True, autocast_dtype=autocast_for(model),
                                   cache_dir=args.cache_dir, named_file_whole=True)
@@ -145,8 +137,6 @@ def main(argv: list[str]) -> int:
         print(f"{evaluated} on {dataset} ({result.text}; {result.windows} x {seqlen} tokens): "
               f"perplexity {result.perplexity:.4f}")
     if zeroshot is not None:
-        from prunetune.zeroshot import evaluate_zeroshot, format_table
-
         scores = evaluate_zeroshot(model, tokenizer, zeroshot, catalog=catalog, tasks=tasks).to_dict()
         payload["zeroshot"] = scores
         print(f"{evaluated}: {format_table(scores)}")

@@ -20,7 +20,22 @@ from prunetune.commands.common import (
     load_options,
     print_json,
 )
+from prunetune.data import check_source
 from prunetune.errors import UsageError
+from prunetune.evaluate import autocast_for, default_seqlen, evaluate_dataset
+from prunetune.export import merge_adapter, save_merged
+from prunetune.loading import load_model, load_tokenizer, model_identity, resolve_model_path
+from prunetune.outputs import (
+    check_apart,
+    check_output_dir,
+    check_output_file,
+    output_lock,
+    read_manifest,
+    require_complete,
+    write_json,
+)
+from prunetune.recover.adapter import apply_adapter, read_adapter_config
+from prunetune.recover.masked_lora import is_masked_config
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +63,6 @@ def _dataset(args: argparse.Namespace) -> str:
 
 
 def _perplexity(model, tokenizer, args) -> float:
-    from prunetune.evaluate import autocast_for, default_seqlen, evaluate_dataset
-
     result = evaluate_dataset(model, tokenizer, _dataset(args), args.seqlen or default_seqlen(model),
                               max_windows=args.max_windows, autocast_dtype=autocast_for(model), cache_dir=args.cache_dir)
     return result.perplexity
@@ -57,8 +70,6 @@ def _perplexity(model, tokenizer, args) -> float:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from prunetune.loading import resolve_model_path
-    from prunetune.outputs import check_apart, check_output_dir, check_output_file, output_lock, require_complete
 
     check_apart(args.save_model, {"--model": args.model, "--adapter": args.adapter}, flag="--save_model")
     check_output_dir(args.save_model, overwrite=args.overwrite, what="--save_model folder")
@@ -71,16 +82,8 @@ def main(argv: list[str]) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from prunetune.export import merge_adapter, save_merged
-    from prunetune.loading import load_model, load_tokenizer, model_identity, resolve_model_path
-    from prunetune.outputs import read_manifest, write_json
-    from prunetune.recover.adapter import apply_adapter, read_adapter_config
-    from prunetune.recover.masked_lora import is_masked_config
-
     method = "masked_lora" if is_masked_config(read_adapter_config(args.adapter)) else "lora"
     if args.remask and not args.no_eval:
-        from prunetune.data import check_source
-
         check_source(_dataset(args))
     options = load_options(args)
     tokenizer = load_tokenizer(args.model, options)

@@ -29,9 +29,13 @@ from prunetune.commands.common import (
     default_data,
     load_options,
 )
-from prunetune.data import calibration_samples, describe_sources, load_documents, resolve
+from prunetune.data import calibration_samples, check_source, describe_sources, load_documents, resolve
 from prunetune.errors import UsageError, require
-from prunetune.loading import resolve_model_path
+from prunetune.evaluate import autocast_for, default_seqlen, evaluate_dataset
+from prunetune.loading import load_model, load_tokenizer, model_identity, resolve_model_path
+from prunetune.outputs import check_apart, check_output_dir, check_output_file, output_lock, save_model_dir, write_json
+from prunetune.pruning import PRUNERS, PruneConfig, prune
+from prunetune.pruning.api import check_layers
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +47,6 @@ EVAL_SPLIT = "test"  # perplexity before/after pruning: the test split, as Wanda
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from prunetune.pruning import PRUNERS
-
     parser = CommandParser(prog="prunetune prune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -102,8 +104,6 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """--save / --save_model before any work: never replace what the user did not ask to replace."""
     from pathlib import Path
 
-    from prunetune.outputs import check_apart, check_output_dir, check_output_file
-
     if args.save_model:
         check_apart(args.save_model, {"--model": args.model}, flag="--save_model")
         check_output_dir(args.save_model, overwrite=args.overwrite, what="--save_model folder")
@@ -121,9 +121,6 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 def _validate(args: argparse.Namespace):
     """Every check that needs no model; returns the PruneConfig."""
-    from prunetune.data import check_source
-    from prunetune.pruning import PruneConfig
-
     resolve_model_path(args.model)  # a missing model path before anything about the data
     options = {k: v for k, v in (("blocksize", args.blocksize), ("percdamp", args.percdamp)) if v is not None}
     require(not options or args.prune_method == "sparsegpt",
@@ -149,8 +146,6 @@ def _validate(args: argparse.Namespace):
 
 
 def _perplexity(model, tokenizer, args, seqlen: int, when: str):
-    from prunetune.evaluate import autocast_for, evaluate_dataset
-
     return evaluate_dataset(model, tokenizer, args.eval_dataset, seqlen, batch_size=args.eval_batch_size, split=EVAL_SPLIT,
                             max_windows=args.eval_max_windows, progress=True, autocast_dtype=autocast_for(model),
                             cache_dir=args.cache_dir, flag="--eval_dataset", desc=f"perplexity {when}",
@@ -200,8 +195,6 @@ def _check_calibration_size(tokenizer, config, seqlen: int) -> None:
 def main(argv: list[str]) -> int:
     import contextlib
 
-    from prunetune.outputs import output_lock
-
     args = build_parser().parse_args(argv)
     config = _validate(args)
     with output_lock(args.save_model, "prunetune prune") if args.save_model else contextlib.nullcontext():
@@ -210,12 +203,6 @@ def main(argv: list[str]) -> int:
 
 def _run(args: argparse.Namespace, config) -> int:
     from pathlib import Path
-
-    from prunetune.evaluate import default_seqlen
-    from prunetune.loading import load_model, load_tokenizer
-    from prunetune.outputs import save_model_dir, write_json
-    from prunetune.pruning import prune
-    from prunetune.pruning.api import check_layers
 
     options = load_options(args)
     _check_data(args, config)  # before any weights load
@@ -243,8 +230,6 @@ def _run(args: argparse.Namespace, config) -> int:
         write_json(Path(args.save) / REPORT_NAME, payload)
         print(f"report: {Path(args.save) / REPORT_NAME}")
     if args.save_model:
-        from prunetune.loading import model_identity
-
         manifest = {"stage": "prune", "base_model": args.model, "base_model_identity": model_identity(args.model),
                     "trust_remote_code": args.trust_remote_code,
                     **{k: v for k, v in payload.items() if k != "block_timings"}}

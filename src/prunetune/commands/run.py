@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from prunetune.commands.common import CommandParser, add_help_pages
+from prunetune.pipeline import load_config, run_pipeline
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,8 +36,6 @@ def print_stage(event) -> None:
 
 
 def execute(config, quiet: bool = False) -> int:
-    from prunetune.pipeline import run_pipeline
-
     result = run_pipeline(config, listener=None if quiet else print_stage)
     print(result.table)
     print()
@@ -54,6 +53,5 @@ def build_parser() -> CommandParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from prunetune.pipeline import load_config
 
     return execute(load_config(args.config, overrides(args)), quiet=args.quiet)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prunetune.commands.common import CommandParser, add_help_pages
-from prunetune.outputs import read_manifest
+from prunetune.commands.common import CommandParser, add_help_pages, print_json
+from prunetune.errors import UsageError
+from prunetune.loading import LoadOptions, load_model
+from prunetune.masks import measure_sparsity
+from prunetune.outputs import check_output_file, read_manifest, write_json
 
 
 def profile_of(model: str) -> dict | None:
@@ -48,13 +51,6 @@ def build_parser() -> CommandParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-
-    from prunetune.commands.common import print_json
-    from prunetune.outputs import check_output_file
-    from prunetune.errors import UsageError
-    from prunetune.loading import LoadOptions, load_model
-    from prunetune.masks import measure_sparsity
-    from prunetune.outputs import write_json
 
     if args.json_path not in (None, "-"):
         check_output_file(args.json_path, "--json")  # before loading a model that may take minutes
