@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from prunetune.data import check_validation_percent, eval_stream
 from prunetune.errors import UsageError, require
-from prunetune.loading import check_model, max_positions
+from prunetune.loading import max_positions
+from prunetune.modules import check_model
 
 
 @dataclass

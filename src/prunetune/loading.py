@@ -163,13 +163,6 @@ def check_device(name, flag: str = "--device") -> str | None:
     raise UsageError(f"{flag} {name!r} is not a device prunetune can run on here; accepted on this machine: {accepted}.")
 
 
-def check_model(model, what: str = "model") -> None:
-    """Raise :class:`UsageError` unless ``model`` is a ``torch.nn.Module`` (API callers passing None, a path...)."""
-    if not isinstance(model, torch.nn.Module):
-        raise UsageError(f"{what} must be a loaded torch.nn.Module (e.g. from prunetune.load_model), got "
-                         f"{type(model).__name__} {str(model)[:80]!r}.")
-
-
 # Names already warned about; a warning per load would repeat it for tokenizer and model.
 _REMOTE_CODE_WARNED: set[str] = set()
 

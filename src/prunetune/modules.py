@@ -82,12 +82,21 @@ def _candidate_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return stacks
 
 
+def check_model(model, what: str = "model") -> None:
+    """Raise :class:`UsageError` unless ``model`` is a ``torch.nn.Module`` (API callers passing None, a path...)."""
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{what} must be a loaded torch.nn.Module (e.g. from prunetune.load_model), got "
+                         f"{type(model).__name__} {str(model)[:80]!r}.")
+
+
 def find_decoder_blocks(model: nn.Module) -> list[DecoderBlock]:
     """The decoder blocks of ``model`` with their prunable layers.
 
     Raises:
-        UsageError: if no stack of identical blocks holding linear layers exists.
+        UsageError: ``model`` is not a loaded model (a path, None...), or no stack of identical
+            blocks holding linear layers exists.
     """
+    check_model(model)
     stacks = _candidate_stacks(model)
     config = getattr(model, "config", None)
     expected = None

@@ -381,7 +381,17 @@ def tiny():
 
 
 def _api_calls():
-    from prunetune import PruneConfig, evaluate_dataset, load_model_and_tokenizer, load_tokenizer, perplexity, prune
+    from prunetune import (
+        PruneConfig,
+        evaluate_dataset,
+        find_decoder_blocks,
+        load_model_and_tokenizer,
+        load_tokenizer,
+        measure_sparsity,
+        perplexity,
+        prunable_layers,
+        prune,
+    )
     from prunetune.config import from_mapping
     from prunetune.loading import check_device, load_model
     from prunetune.pipeline import PipelineConfig
@@ -411,6 +421,9 @@ def _api_calls():
         ("training-lr-type", lambda m, t, a: RecoveryTrainingArguments(output_dir="o", learning_rate="fast"), "'fast'"),
         ("tokenizer-missing", lambda m, t, a: load_tokenizer("./no/such/model"), "./no/such/model"),
         ("model-and-tokenizer-missing", lambda m, t, a: load_model_and_tokenizer("./no/such/model"), "./no/such/model"),
+        ("blocks-path", lambda m, t, a: find_decoder_blocks("tiny"), "model must be a loaded torch.nn.Module (e.g. from prunetune.load_model), got str 'tiny'"),
+        ("sparsity-none", lambda m, t, a: measure_sparsity(None), "got NoneType"),
+        ("layers-path", lambda m, t, a: prunable_layers("./pruned"), "got str './pruned'"),
     ]
 
 
@@ -425,9 +438,9 @@ def test_api_raises_usage_error(index, tiny, assets, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-# Public functions that still fail on a non-model with AttributeError (no UsageError yet): each is checked to
+# Public functions that still fail on a non-model with another error than UsageError: each is checked to
 # fail that way, so that once it raises UsageError the test asks for its row in the table above.
-API_GAPS = {"find_decoder_blocks", "measure_sparsity", "prunable_layers"}
+API_GAPS: set[str] = set()
 
 
 def test_api_table_covers_every_public_function():
@@ -458,12 +471,12 @@ def test_nan_model_perplexity_is_an_error_not_nan(assets):
 
 
 def test_eval_prints_its_result_before_a_failed_json_write(assets, tmp_path, monkeypatch, capsys):
-    import prunetune.outputs
+    import prunetune.commands.eval
 
     def full_disk(path, payload):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(prunetune.outputs, "write_json", full_disk)
+    monkeypatch.setattr(prunetune.commands.eval, "write_json", full_disk)
     monkeypatch.chdir(tmp_path)
     argv = ["eval", "--model", str(assets / "model"), "--dataset", str(assets / "text.txt"), "--seqlen", "64",
             "--max_windows", "2", "--json", "ppl.json"]

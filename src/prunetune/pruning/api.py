@@ -24,9 +24,12 @@ from dataclasses import dataclass, field
 import torch
 
 from prunetune.calibrate import BlockTiming, CalibrationOptions, prune_sequentially
+from prunetune.data import calibration_samples, check_source, load_documents
 from prunetune.errors import UsageError, require
+from prunetune.evaluate import check_seqlen, default_seqlen
+from prunetune.loading import check_device
 from prunetune.masks import SparsityReport, measure_sparsity
-from prunetune.modules import find_decoder_blocks, prunable_layers, weight_matrix, weight_param_shape
+from prunetune.modules import check_model, find_decoder_blocks, prunable_layers, weight_matrix, weight_param_shape
 import prunetune.pruning.profile as profiles
 from prunetune.pruning.base import Pruner
 from prunetune.pruning.magnitude import MagnitudePruner
@@ -101,8 +104,6 @@ class PruneConfig:
     progress: bool = False
 
     def __post_init__(self):
-        from prunetune.loading import check_device
-
         # Before any work: a GPU this machine lacks would otherwise fail after the calibration data is drawn.
         self.device = check_device(self.device, "--compute_device (PruneConfig.device)")
         self.pruner = build_pruner(self.method, self.sparsity_ratio, self.sparsity_type, self.use_variant, self.options)
@@ -123,8 +124,6 @@ class PruneConfig:
         require(self.seqlen is None or (isinstance(self.seqlen, int) and self.seqlen >= 2),
                 f"seqlen must be an integer >= 2 (or None for the model's context), got {self.seqlen!r}.")
         if self.needs_calibration and self.calibration_ids is None:
-            from prunetune.data import check_source
-
             check_source(self.calib_dataset, flag="--calib_dataset")
 
 
@@ -237,8 +236,6 @@ def _profile_ratios(model, layers: dict[str, torch.nn.Module], config: PruneConf
 
 
 def _calibration_ids(model, tokenizer, config: PruneConfig) -> tuple[torch.Tensor, dict]:
-    from prunetune.evaluate import check_seqlen, default_seqlen
-
     if config.calibration_ids is not None:
         ids = config.calibration_ids
         check_seqlen(model, ids.shape[1])
@@ -250,7 +247,6 @@ def _calibration_ids(model, tokenizer, config: PruneConfig) -> tuple[torch.Tenso
     require(tokenizer is not None, f"Calibrating on {config.calib_dataset!r} needs a tokenizer; pass one, or pass calibration_ids.")
     seqlen = config.seqlen or default_seqlen(model, cap=DEFAULT_SEQLEN_CAP)
     check_seqlen(model, seqlen)
-    from prunetune.data import calibration_samples, load_documents
 
     ids = calibration_samples(tokenizer, config.calib_dataset, config.nsamples, seqlen, seed=config.seed,
                               cache_dir=config.cache_dir, flag="--calib_dataset")
@@ -277,8 +273,6 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None) -> PruneRepo
             take the structure, a model whose blocks cannot be found, calibration data that is
             missing or too small.
     """
-    from prunetune.loading import check_model
-
     check_model(model)
     config = PruneConfig() if config is None else config
     require(isinstance(config, PruneConfig), f"config must be a PruneConfig, got {type(config).__name__}.")
