@@ -191,7 +191,7 @@ def test_full_with_distillation_keeps_sparsity_and_a_frozen_unchanged_teacher(wo
         if a.dim() == 2 and "layers" in name:
             assert torch.equal(a == 0, b == 0), name  # the same positions, exactly
     manifest = json.loads((out / "prunetune.json").read_text())
-    assert manifest["distillation"]["hidden_weight"] == 1.0 and manifest["distillation"]["teacher_bytes"] > 0
+    assert manifest["distillation"]["hidden_weight"] == 1.0 and manifest["distillation"]["teacher_identity"]["bytes"] > 0
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert all("loss_kl" in entry and "loss_hidden" in entry for entry in history if "loss" in entry)
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["masks.safetensors", "model.safetensors"]  # student only
@@ -200,7 +200,7 @@ def test_full_with_distillation_keeps_sparsity_and_a_frozen_unchanged_teacher(wo
 def test_masked_lora_with_distillation_merges_exactly(workspace, tmp_path):  # noqa: F811
     out, merged = tmp_path / "adapter", tmp_path / "merged"
     assert main(_args(workspace, "masked_lora", out, "--distill_dtype", "bfloat16")) == 0
-    assert json.loads((out / "prunetune.json").read_text())["distillation"]["teacher_dtype"] == "bfloat16"
+    assert json.loads((out / "prunetune.json").read_text())["distillation"]["teacher_identity"]["dtype"] == "bfloat16"
     assert main(["merge", "--model", str(workspace / "pruned"), "--adapter", str(out), "--save_model", str(merged)]) == 0
     from transformers import AutoModelForCausalLM
 

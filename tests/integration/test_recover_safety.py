@@ -201,7 +201,10 @@ def test_a_distilled_runs_results_name_the_teacher_and_its_loss_weights(workspac
                              "--distill_ce_weight", "0.5")) == 0
     distillation = json.loads((out / "recovery.json").read_text())["extra"]["distillation"]
     assert distillation["teacher"] == str(workspace / "dense")
-    assert distillation["teacher_identity"]["path"] == str((workspace / "dense").resolve())
+    teacher = distillation["teacher_identity"]  # the one record of the teacher (recover.teacher.describe_teacher)
+    assert teacher["path"] == str((workspace / "dense").resolve()) and len(teacher["weights_sha256"]) == 64
+    assert teacher["loss_weights"] == {"ce": 0.5, "kl": 1.0, "hidden": 1.0} and teacher["bytes"] > 0
+    assert not {"teacher_bytes", "teacher_dtype"} & set(distillation)
     assert (distillation["ce_weight"], distillation["kl_weight"], distillation["hidden_weight"]) == (0.5, 1.0, 1.0)
 
 

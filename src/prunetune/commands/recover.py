@@ -281,10 +281,11 @@ def summary(result) -> str:
                      f"({result.peak_memory_kind}), train loss {result.train_loss:.4f}")
     distillation = result.extra.get("distillation")
     if distillation:
+        teacher = distillation["teacher_identity"]
         weights = ", ".join(f"{label} {distillation[key]:g}" for label, key in
                             (("CE", "ce_weight"), ("KL", "kl_weight"), ("SquareHead", "hidden_weight")) if distillation[key])
         lines.append(f"distilled from {distillation['teacher']} ({weights}; T {distillation['temperature']:g}; teacher "
-                     f"{distillation['teacher_bytes'] / 2**20:,.0f} MiB in {distillation['teacher_dtype']})")
+                     f"{teacher['bytes'] / 2**20:,.0f} MiB in {teacher['dtype']})")
     lines.append(f"sparsity {result.sparsity_before:.4f} before, {result.sparsity_after:.4f} after"
                  + (f", {result.merged_sparsity:.4f} if merged" if result.merged_sparsity is not None else ""))
     if result.perplexity_before is not None or result.perplexity_after is not None:

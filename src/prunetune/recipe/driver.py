@@ -97,10 +97,11 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
                        plan.train_source)
     distill = recovery_args.distill_settings()
     tokenizer = None
+    teacher_digests: dict = {}  # the teacher's files are hashed once: by the check, then for the results
     if distill is not None and training_args.do_train:  # before the student loads: configs and tokenizers only
         tokenizer = load_student_tokenizer(model_args, recovery_args, training_args)
         check_teacher(distill.teacher, model_args.model_name_or_path, distill,
-                      load_options(model_args, recovery_args, training_args), tokenizer)
+                      load_options(model_args, recovery_args, training_args), tokenizer, teacher_digests)
 
     # build: the model, its checks, the data
     model, tokenizer = load(model_args, recovery_args, training_args, tokenizer)
@@ -148,7 +149,7 @@ def _recover(model_args: ModelArguments, data_args: DataArguments, recovery_args
     distiller = None
     if distill is not None and training_args.do_train:
         distiller = make_distiller(setup.model, distill, load_options(model_args, recovery_args, training_args),
-                                   training_args, result)
+                                   training_args, result, teacher_digests)
     trainer, guard = make_trainer(setup, training_args, train_data, tokenizer, [*own, *(callbacks or [])],
                                   eval_data=held_out.blocks() if during else None,
                                   label=f"recover {method}" + (" + distill" if distiller else ""),

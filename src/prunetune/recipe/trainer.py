@@ -17,7 +17,6 @@ from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from prunetune.errors import UsageError
-from prunetune.loading import model_identity
 from prunetune.memory import track_peak_memory
 from prunetune.recipe.args import RecoveryTrainingArguments, resolve_learning_rate
 from prunetune.recipe.result import RecoveryResult
@@ -53,15 +52,15 @@ def make_trainer(setup, training_args: RecoveryTrainingArguments, train_data, to
     return trainer, guard
 
 
-def make_distiller(student, settings, options, training_args: RecoveryTrainingArguments, result: RecoveryResult):
-    """Load the frozen teacher and the loss around it; records the settings and the teacher's memory."""
+def make_distiller(student, settings, options, training_args: RecoveryTrainingArguments, result: RecoveryResult,
+                   memo: dict | None = None):
+    """Load the frozen teacher and the loss around it; records the settings and the teacher (``memo``: the digest
+    memo given to :func:`~prunetune.recover.distill.check_teacher`, so its weight files are read once)."""
     teacher = distill.load_teacher(settings, options, training_args.device)
-    size = distill.model_bytes(teacher)
-    logger.info("distillation teacher %s: %.1f MiB in %s on %s", settings.teacher, size / 2**20,
-                next(teacher.parameters()).dtype, training_args.device)
-    result.extra["distillation"] = {**asdict(settings), "teacher_identity": model_identity(settings.teacher),
-                                    "teacher_bytes": size,
-                                    "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.")}
+    described = distill.describe_teacher(settings, teacher, memo)
+    logger.info("distillation teacher %s: %.1f MiB in %s on %s", settings.teacher, described["bytes"] / 2**20,
+                described["dtype"], training_args.device)
+    result.extra["distillation"] = {**asdict(settings), "teacher_identity": described}
     return distill.Distiller(student, teacher, settings)
 
 
