@@ -14,8 +14,9 @@ from prunetune.masks import MaskSet
 
 @pytest.mark.parametrize("distill", [False, True])
 def test_full_under_ddp_keeps_masks_on_both_ranks(workspace, tmp_path, distill):  # noqa: F811
-    """With --distill_from each rank loads its own teacher; the output layer, applied outside DDP's forward for the
-    chunked losses, still has its gradients reduced (the masks and the logged KL show both ranks trained)."""
+    """With --distill_from each rank loads its own teacher; the output layer, applied to the chunked losses in a hook
+    inside the student's (DDP-wrapped) forward, has its gradients reduced like every other weight (the masks and
+    the logged KL show both ranks trained)."""
     out = tmp_path / "ddp"
     # torch's launcher run by this interpreter: no PATH lookup, so the test never skips for want of `torchrun`
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -51,7 +51,7 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class DistillSettings:
-    """What ``--distill_*`` asked for (see :class:`prunetune.recover.args.RecoveryArguments`)."""
+    """What ``--distill_*`` asked for (see :class:`prunetune.recipe.args.RecoveryArguments`)."""
 
     teacher: str
     ce_weight: float = 0.0
