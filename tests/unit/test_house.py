@@ -2,6 +2,8 @@
 
 * no import cycle between prunetune's modules (every import counts: top level, inside
   functions, under ``TYPE_CHECKING``);
+* imports of prunetune's own modules at the top of the file, except the listed few that would load a
+  heavy library (peft, the Trainer) for callers that do not need it;
 * no module over 400 lines;
 * user-facing text (README, docs, shipped configs) names no absolute path of the machine it
   was written on, no session and no issue number.
@@ -158,6 +160,62 @@ def test_find_cycles_reports_one():
 def test_no_import_cycles():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles between prunetune modules:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+# --------------------------------------------------------------------------- imports at the top
+
+
+# Function-level imports of prunetune's own modules that stay in their function, each with its reason: the
+# module imported loads a heavy library at import time that the importing module's other users do not need.
+# Anything else goes at the top of its file, so the dependency graph shows in the imports.
+FUNCTION_LEVEL_IMPORTS = {
+    ("prunetune.commands.eval", "prunetune.recover.adapter"): "peft, only with --lora_weights",
+    ("prunetune.pipeline.checks", "prunetune.recover.distill"): "the Trainer and peft, only for a config that recovers",
+    ("prunetune.pipeline.layer_error", "prunetune.export"): "peft, only for a recovered adapter's stage",
+    ("prunetune.pipeline.layer_error", "prunetune.recover.adapter"): "peft, only for a recovered adapter's stage",
+    **{("prunetune.pipeline.recovery", module): "the recipe (Trainer, datasets, peft), only when a recover stage runs"
+       for module in ("prunetune.recipe", "prunetune.recipe.args", "prunetune.export", "prunetune.recover.adapter",
+                      "prunetune.pipeline.held_out")},
+}
+
+
+def function_level_imports() -> dict[tuple[str, str], list[int]]:
+    """(importing module, imported prunetune module) -> the lines of the imports inside functions.
+
+    A package ``__init__``'s module-level ``__getattr__`` (lazy re-exports) is not counted.
+    """
+    modules = _modules()
+    found: dict[tuple[str, str], list[int]] = {}
+
+    def visit(node: ast.AST, name: str, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if in_function and isinstance(child, ast.ImportFrom):
+                base = _base(name, child.module or "", child.level, modules)
+                if base.split(".")[0] == "prunetune":
+                    found.setdefault((name, base), []).append(child.lineno)
+            elif in_function and isinstance(child, ast.Import):
+                for alias in child.names:
+                    if alias.name.split(".")[0] == "prunetune":
+                        found.setdefault((name, alias.name), []).append(child.lineno)
+            lazy_exports = isinstance(child, ast.FunctionDef) and child.name == "__getattr__" and node is tree
+            function = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) and not lazy_exports
+            visit(child, name, in_function or function)
+
+    for name, file in modules.items():
+        tree = ast.parse(file.read_text(encoding="utf-8"), str(file))
+        visit(tree, name, False)
+    return found
+
+
+def test_imports_of_prunetune_modules_are_at_the_top():
+    found = function_level_imports()
+    assert ("prunetune.pipeline.recovery", "prunetune.recipe") in found  # the walk sees nested and relative imports
+    stray = [f"{name} (line {', '.join(map(str, lines))}) imports {module}"
+             for (name, module), lines in sorted(found.items()) if (name, module) not in FUNCTION_LEVEL_IMPORTS]
+    assert not stray, ("imports of prunetune modules inside functions (move them to the top of the file, or add them "
+                       "with their reason to FUNCTION_LEVEL_IMPORTS):\n" + "\n".join(stray))
+    stale = sorted(set(FUNCTION_LEVEL_IMPORTS) - set(found))
+    assert not stale, f"FUNCTION_LEVEL_IMPORTS lists imports that are no longer in a function: {stale}"
 
 
 # --------------------------------------------------------------------------- size

@@ -99,6 +99,7 @@ def _validate(args: argparse.Namespace):
             raise UsageError(f"{given[0]} sets the perplexity windows, and with --tasks alone no perplexity runs; add "
                              "--dataset (e.g. --dataset wikitext2) to get both, or drop it.")
     if args.lora_weights:
+        # peft loads only with an adapter (slow to import; plain eval needs none)
         from prunetune.recover.adapter import read_adapter_config
 
         read_adapter_config(args.lora_weights)
@@ -124,6 +125,7 @@ def main(argv: list[str]) -> int:
         seqlen = default_seqlen(model) if args.seqlen is None else args.seqlen  # 0 is rejected above, not a default
         check_seqlen(model, seqlen)
     if args.lora_weights:
+        # peft loads only with an adapter (slow to import; plain eval needs none)
         from prunetune.recover.adapter import apply_adapter
 
         model = apply_adapter(model, args.lora_weights)

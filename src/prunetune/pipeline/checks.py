@@ -71,6 +71,7 @@ def check_inputs(config: PipelineConfig) -> None:
         UsageError: naming the config key: a device this machine lacks, a local data file that
             holds no readable text, a teacher that does not exist or cannot teach the model.
     """
+    # the Trainer and peft (recover.distill) load only for a config that recovers: prune-only runs start faster
     from prunetune.recover.distill import DistillSettings, check_teacher
 
     check_device(config.device, "config.device")

@@ -59,6 +59,7 @@ def weights_loader(pipeline, folder: Path, adapter: Path | None = None, remask: 
     def load() -> dict:
         model = load_model(str(folder), pipeline.load_options())
         if adapter is not None:
+            # peft loads only for an adapter's stage (slow to import; prune-only runs need none)
             from prunetune.export import merge_adapter
             from prunetune.recover.adapter import apply_adapter
 

@@ -68,6 +68,7 @@ def tokens_per_step(settings: dict, world_size: int = 1) -> int:
 
 def recovery_arguments(pipeline, train_dir: Path, pruned_dir: Path, method: str, settings: dict) -> tuple:
     """The four argument objects of :func:`prunetune.recipe.recover` for one stage."""
+    # the recipe (Trainer, datasets, peft) loads only when a recover stage runs: prune-only configs start faster
     from prunetune.recipe.args import DataArguments, ModelArguments, RecoveryArguments, RecoveryTrainingArguments
 
     config = pipeline.config
@@ -102,6 +103,7 @@ def recovery_arguments(pipeline, train_dir: Path, pruned_dir: Path, method: str,
 
 def run_recovery(pipeline, directory: Path, pruned_dir: Path, method: str, settings: dict) -> dict:
     """Train, evaluate the result as the report shows it, export it; returns the stage's summary."""
+    # the recipe (Trainer, datasets, peft) loads only when a recover stage runs: prune-only configs start faster
     from prunetune.export import merge_adapter, save_merged
     from prunetune.recover.adapter import apply_adapter
 
@@ -161,6 +163,7 @@ def run_recovery(pipeline, directory: Path, pruned_dir: Path, method: str, setti
 
 def _train(pipeline, train_dir: Path, pruned_dir: Path, method: str, settings: dict):
     """(model arguments, the recipe's result, the held-out blocks callback or None when the Trainer did not evaluate)."""
+    # the recipe (Trainer, datasets, peft) loads only when a recover stage runs: prune-only configs start faster
     from prunetune.pipeline.held_out import HeldOutBlocks
     from prunetune.recipe import recover
 
@@ -180,6 +183,7 @@ def _train(pipeline, train_dir: Path, pruned_dir: Path, method: str, settings: d
 
 
 def _recipe_results(train_dir: Path) -> dict:
+    # the recipe (Trainer, datasets, peft) loads only when a recover stage runs: prune-only configs start faster
     from prunetune.recipe import RESULTS_NAME
 
     path = train_dir / RESULTS_NAME
