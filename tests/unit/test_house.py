@@ -170,6 +170,8 @@ def test_no_import_cycles():
 # Anything else goes at the top of its file, so the dependency graph shows in the imports.
 FUNCTION_LEVEL_IMPORTS = {
     ("prunetune.commands.eval", "prunetune.recover.adapter"): "peft, only with --lora_weights",
+    **{("prunetune.commands.merge", module): "peft, after the checks (--help and refused inputs answer at once)"
+       for module in ("prunetune.export", "prunetune.recover.adapter", "prunetune.recover.masked_lora")},
     ("prunetune.pipeline.checks", "prunetune.recover.distill"): "the Trainer and peft, only for a config that recovers",
     ("prunetune.pipeline.layer_error", "prunetune.export"): "peft, only for a recovered adapter's stage",
     ("prunetune.pipeline.layer_error", "prunetune.recover.adapter"): "peft, only for a recovered adapter's stage",

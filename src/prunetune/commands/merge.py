@@ -23,7 +23,6 @@ from prunetune.commands.common import (
 from prunetune.data import check_source
 from prunetune.errors import UsageError
 from prunetune.evaluate import autocast_for, default_seqlen, evaluate_dataset
-from prunetune.export import merge_adapter, save_merged
 from prunetune.loading import load_model, load_tokenizer, model_identity, resolve_model_path
 from prunetune.outputs import (
     check_apart,
@@ -34,8 +33,6 @@ from prunetune.outputs import (
     require_complete,
     write_json,
 )
-from prunetune.recover.adapter import apply_adapter, read_adapter_config
-from prunetune.recover.masked_lora import is_masked_config
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +79,11 @@ def main(argv: list[str]) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    # peft loads here, after the checks: --help and a refused input answer without its seconds of import
+    from prunetune.export import merge_adapter, save_merged
+    from prunetune.recover.adapter import apply_adapter, read_adapter_config
+    from prunetune.recover.masked_lora import is_masked_config
+
     method = "masked_lora" if is_masked_config(read_adapter_config(args.adapter)) else "lora"
     if args.remask and not args.no_eval:
         check_source(_dataset(args))
