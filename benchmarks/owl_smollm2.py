@@ -11,7 +11,8 @@ GGUF dequantized to float32, calibration 128 windows x 128 tokens of Tiny Shakes
 once), perplexity on WikiText-2 raw test, the first 12 non-overlapping windows of 512 tokens. Every row
 starts from the same dense weights and calibration windows. OWL (Yin et al., ICML 2024) uses the
 paper's M = 5 and lambda = 0.08 unless given; its time is the pruning time including the dense
-statistics pass, which the table also shows alone.
+statistics pass, which the table also shows alone and as a share of that row's own pruning pass
+("stats/prune"; rows run minutes apart on a shared machine, so seconds of different rows do not compare).
 
 Results are merged into ``--json`` (default ``benchmarks/results/owl_smollm2.json``): a row of the same
 method, ratio and profile replaces the old one, so the grid can be filled in several runs. Each run
@@ -83,18 +84,21 @@ def table(rows: list[dict]) -> str:
     dense = next((r["perplexity"] for r in rows if r["method"] == "dense"), None)
     lines = [f"dense perplexity: {dense:.2f}" if dense else "dense perplexity: not measured",
              f"{'method':<10} {'ratio':>5} {'uniform':>9} {'owl':>9} {'uniform s':>10} {'owl s':>8} {'stats s':>8} "
-             f"{'overhead':>9} {'owl blocks min-max':>19}"]
+             f"{'stats/prune':>11} {'owl blocks min-max':>19}"]
     for method, ratio in sorted({(m, r) for m, r, _ in by_key}):
         uniform, owl = by_key.get((method, ratio, "uniform")), by_key.get((method, ratio, "owl"))
 
         def cell(row, key, fmt):
             return format(row[key], fmt) if row and row.get(key) is not None else "-"
 
-        overhead = (f"{owl['prune_seconds'] / uniform['prune_seconds'] - 1:+.0%}" if owl and uniform else "-")
+        # the statistics pass against the pruning pass of the same run (the load of a shared machine changes
+        # between rows, so the uniform row's seconds are no baseline)
+        stats = owl.get("statistics_seconds") if owl else None
+        overhead = f"{stats / (owl['prune_seconds'] - stats):+.0%}" if stats and owl["prune_seconds"] > stats else "-"
         spread = (f"{min(owl['block_ratios'].values()):.3f}-{max(owl['block_ratios'].values()):.3f}" if owl else "-")
         lines.append(f"{method:<10} {ratio:>5.2f} {cell(uniform, 'perplexity', '9.2f')} {cell(owl, 'perplexity', '9.2f')} "
                      f"{cell(uniform, 'prune_seconds', '10.1f')} {cell(owl, 'prune_seconds', '8.1f')} "
-                     f"{cell(owl, 'statistics_seconds', '8.1f')} {overhead:>9} {spread:>19}")
+                     f"{cell(owl, 'statistics_seconds', '8.1f')} {overhead:>11} {spread:>19}")
     return "\n".join(lines)
 
 
