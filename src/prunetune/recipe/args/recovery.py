@@ -93,7 +93,7 @@ class RecoveryArguments:
                           "same CPU time)."},
     )
     nsamples: int = field(default=128, metadata={"help": "blockwise: calibration windows of the training text."})
-    seqlen: int = field(default=256, metadata={"help": "blockwise: tokens per window."})
+    seqlen: int = field(default=128, metadata={"help": "blockwise: tokens per window."})
     blockwise_input: str = field(
         default="sparse",
         metadata={"help": "blockwise: a block's input: sparse (the blocks before it, as reconstructed), dense "
