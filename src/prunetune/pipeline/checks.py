@@ -36,8 +36,8 @@ def check_model_shapes(config: PipelineConfig) -> int:
     lengths = {"config.calibration.seqlen": config.calibration.seqlen, "config.evaluation.seqlen": config.evaluation.seqlen}
     for index, spec in enumerate(config.recover):
         for method in spec.methods:
-            where = setting_key(spec, method, "block_size", f"config.recover[{index}]")
-            lengths[where] = spec.for_method(method)["block_size"]
+            length = "seqlen" if method == "blockwise" else "block_size"  # blockwise windows; the Trainer's blocks
+            lengths[setting_key(spec, method, length, f"config.recover[{index}]")] = spec.for_method(method)[length]
     for key, length in lengths.items():
         require(length is None or length <= limit,
                 f"{key}: {length} tokens exceed the {limit} positions of {config.model}; give {limit} or less.")

@@ -19,6 +19,7 @@ from prunetune.data import SPLITS, check_local_file, check_source
 from prunetune.defaults import default_data
 from prunetune.errors import UsageError, require
 from prunetune.loading import DTYPES
+from prunetune.pipeline.plan import RecoveryStep, plan_recoveries
 from prunetune.pruning import PruneConfig
 from prunetune.zeroshot import TaskCatalog, ZeroShotSettings, check_settings, parse_tasks
 from prunetune.zeroshot.tasks import task_identity
@@ -101,8 +102,12 @@ class PruneSpec:
 
 @dataclass
 class RecoverySpec:
-    prune: str  # the label of a prune entry (e.g. "wanda 50%")
-    methods: list[Literal["lora", "masked_lora", "full"]] = field(default_factory=lambda: ["lora", "masked_lora", "full"])
+    prune: str | None = None  # the label of a prune entry (e.g. "wanda 50%"); may be left out with after
+    methods: list[Literal["lora", "masked_lora", "full", "blockwise"]] = field(
+        default_factory=lambda: ["lora", "masked_lora", "full"])
+    # Stacking: the name of another recover entry (one method, full or blockwise) whose output model this
+    # entry starts from instead of the pruned one, e.g. blockwise, then full with distillation. null: the pruned model.
+    after: str | None = None
     dataset: str | None = None  # None: builtin for tiny (and models made from it), else C4 as the LoRA recipe
     block_size: int = 1024
     max_train_samples: int | None = None
@@ -134,16 +139,26 @@ class RecoverySpec:
     distill_hidden_weight: float = 1.0
     distill_temperature: float = 1.0
     distill_dtype: str = "auto"
+    # blockwise (each decoder block trains its kept weights to reproduce the dense block's output; the
+    # teacher is distill_from, default this pipeline's dense model): calibration windows drawn from
+    # dataset, their length, and what feeds each block. It also reads num_train_epochs (whole passes),
+    # learning_rate and per_device_train_batch_size (windows per step); block_size and max_steps are unused.
+    nsamples: int = 128
+    seqlen: int = 256
+    blockwise_input: str = "sparse"  # sparse: the pruned model's activations; dense: the dense model's; mix: both
+    blockwise_window: int = 1  # consecutive blocks trained together
     # A name for this entry's rows and stages ("wanda 50% + full + NAME"): needed when two
     # entries recover the same pruned model with the same method (e.g. with and without distillation).
     name: str | None = None
     # Per-method overrides of the keys above, e.g. {full: {learning_rate: 2.0e-5}}.
     method_overrides: dict = field(default_factory=dict)
 
-    def label(self, method: str) -> str:
-        """The configuration's name in the report: ``wanda 50% + masked_lora`` (+ name, or + distill)."""
-        suffix = self.name or ("distill" if self.for_method(method)["distill_from"] else None)
-        return f"{self.prune} + {method}" + (f" + {suffix}" if suffix else "")
+    def label(self, method: str, base: str | None = None) -> str:
+        """The configuration's name in the report: ``wanda 50% + masked_lora`` (+ name, or + distill);
+        a stacked entry's starts with the label of the recovery it continues (``base``)."""
+        distills = method != "blockwise" and self.for_method(method)["distill_from"]  # blockwise always has a teacher
+        suffix = self.name or ("distill" if distills else None)
+        return f"{base or self.prune} + {method}" + (f" + {suffix}" if suffix else "")
 
     def for_method(self, method: str, where: str = "config.recover") -> dict:
         """The settings ``method`` trains with: the keys above, then its ``method_overrides``.
@@ -151,7 +166,8 @@ class RecoverySpec:
         Raises:
             UsageError: an override names an unknown key or holds a value of the wrong type.
         """
-        settings = {k: v for k, v in asdict(self).items() if k not in ("prune", "methods", "method_overrides", "name")}
+        settings = {k: v for k, v in asdict(self).items()
+                    if k not in ("prune", "methods", "method_overrides", "name", "after")}
         overrides = self.method_overrides.get(method, {}) or {}
         place = f"{where}.method_overrides.{method}"
         require(isinstance(overrides, dict), f"{place}: {overrides!r} is not a mapping of keys to values.")
@@ -162,6 +178,8 @@ class RecoverySpec:
         settings.update({k: getattr(typed, k) for k in overrides})
         if settings["dataset"] is None:  # an override of null: the entry's (resolved) data
             settings["dataset"] = self.dataset
+        if method == "blockwise" and settings["distill_from"] is None:  # its teacher: the pipeline's dense model
+            settings["distill_from"] = "dense"
         return settings
 
 
@@ -216,23 +234,23 @@ class PipelineConfig:
         for spec in self.prune:  # validates method, ratio and N:M before any work
             self.prune_config(spec)
         seen: dict[str, str] = {}
-        for index, spec in enumerate(self.recover):
-            where = f"config.recover[{index}]"
-            require(spec.prune in labels, f"{where}.prune: {spec.prune!r} names no prune entry; accepted: {', '.join(labels)}.")
-            for method in spec.methods:
-                settings = spec.for_method(method, where)
-                check_source(settings["dataset"])
-                if settings["validation_file"] is not None:
-                    key = setting_key(spec, method, "validation_file", where)
-                    require(settings["eval_steps"] is not None,
-                            f"{key}: {settings['validation_file']!r} is only scored during training, every eval_steps "
-                            f"steps; set {setting_key(spec, method, 'eval_steps', where)} (e.g. 5) or drop validation_file.")
-                    check_local_file(settings["validation_file"], f"{key}:")
-                _check_recovery(settings, functools.partial(setting_key, spec, method, where=where))
-                label = spec.label(method)
-                require(label not in seen, f"{where}: {label!r} is also what {seen.get(label)} recovers; give one of "
-                                           "the two entries a distinct 'name' (its rows are named after it).")
-                seen[label] = where
+        for step in self.recovery_steps():
+            spec, method, where = step.spec, step.method, step.where
+            settings = spec.for_method(method, where)
+            check_source(settings["dataset"])
+            if settings["validation_file"] is not None:
+                key = setting_key(spec, method, "validation_file", where)
+                require(settings["eval_steps"] is not None,
+                        f"{key}: {settings['validation_file']!r} is only scored during training, every eval_steps "
+                        f"steps; set {setting_key(spec, method, 'eval_steps', where)} (e.g. 5) or drop validation_file.")
+                check_local_file(settings["validation_file"], f"{key}:")
+            _check_recovery(settings, functools.partial(setting_key, spec, method, where=where))
+            if method == "blockwise":
+                _check_blockwise(settings, functools.partial(setting_key, spec, method, where=where))
+            label = step.label
+            require(label not in seen, f"{where}: {label!r} is also what {seen.get(label)} recovers; give one of "
+                                       "the two entries a distinct 'name' (its rows are named after it).")
+            seen[label] = where
 
     def prune_config(self, spec: PruneSpec):
         """The :class:`prunetune.pruning.PruneConfig` of one prune entry (validates it)."""
@@ -242,6 +260,10 @@ class PipelineConfig:
                            seed=calibration.seed, calib_dataset=calibration.dataset,
                            true_sequential=spec.true_sequential, progress=self.progress,
                            sparsity_profile=spec.sparsity_profile, owl_m=spec.owl_m, owl_lambda=spec.owl_lambda)
+
+    def recovery_steps(self) -> list[RecoveryStep]:
+        """Every recovery stage, each after the one it starts from (see :mod:`prunetune.pipeline.plan`)."""
+        return plan_recoveries(self.recover, [p.label() for p in self.prune])
 
     def stages_root(self) -> Path:
         output_dir = Path(self.output_dir).expanduser()
@@ -311,6 +333,25 @@ def _check_recovery(settings: dict, key: Callable[[str], str]) -> None:
     if settings["distill_from"] is not None:
         require(settings["distill_ce_weight"] + settings["distill_kl_weight"] + settings["distill_hidden_weight"] > 0,
                 f"{key('distill_kl_weight')}: the three distill_*_weight keys are all 0: nothing to train on.")
+
+
+def _check_blockwise(settings: dict, key: Callable[[str], str]) -> None:
+    """What block-wise reconstruction cannot use, refused before the first stage (as the recipe would after pruning)."""
+    epochs = settings["num_train_epochs"]
+    require(float(epochs).is_integer() and epochs >= 1,
+            f"{key('num_train_epochs')}: {epochs:g} with blockwise: give a whole number of passes (1 or more).")
+    require(settings["max_steps"] <= 0, f"{key('max_steps')}: {settings['max_steps']} is not used by blockwise (it trains "
+                                        "every block num_train_epochs passes over the windows); leave it at -1.")
+    for name in ("eval_steps", "validation_file"):
+        require(settings[name] is None, f"{key(name)}: {settings[name]!r} does not apply to blockwise (it reports each "
+                                        "block's held-out loss in blockwise.json); set it to null for this method.")
+    require(settings["nsamples"] >= 2, f"{key('nsamples')}: {settings['nsamples']} is not accepted; give 2 or more "
+                                       "calibration windows (one is held out).")
+    _check_seqlen(key("seqlen"), settings["seqlen"])
+    require(settings["seqlen"] is not None, f"{key('seqlen')}: give a number of tokens per window.")
+    require(settings["blockwise_input"] in ("sparse", "dense", "mix"),
+            f"{key('blockwise_input')}: {settings['blockwise_input']!r} is not accepted; use sparse, dense or mix.")
+    _check_count(key("blockwise_window"), settings["blockwise_window"], "consecutive blocks")
 
 
 # The recover keys that mean something only with distill_from, and their defaults (those of prunetune recover).

@@ -71,7 +71,7 @@ def weights_loader(pipeline, folder: Path, adapter: Path | None = None, remask: 
 
 def recovered_weights(pipeline, name: str, method: str, pruned: StageResult, stage: StageResult) -> dict:
     """The weights each recovery row was evaluated with: W + BA merged (and re-masked) for lora, the export otherwise."""
-    pruned_dir = pruned.directory / pruned.result["model_dir"]
+    pruned_dir = pruned.directory / (pruned.result.get("model_dir") or pruned.result["export_dir"])  # or a stack's base
     if method == "lora":
         adapter = stage.directory / "train"
         return {name: (stage.key, weights_loader(pipeline, pruned_dir, adapter)),

@@ -18,6 +18,8 @@ from prunetune.masks import measure_sparsity
 from prunetune.memory import track_peak_memory
 from prunetune.pipeline.stages import memory_figures
 
+BLOCKWISE_REPORT = "blockwise.json"  # written by prunetune recover --recovery_method blockwise
+
 logger = logging.getLogger(__name__)
 
 # Settings that only add evaluation during training: left out of a stage's key while at their
@@ -35,7 +37,7 @@ def recovery_dtype(method: str, dtype: str) -> str:
     """
     import torch
 
-    if method == "full" and DTYPES[dtype] is torch.float16:
+    if method in ("full", "blockwise") and DTYPES[dtype] is torch.float16:  # both step Adam on the weights
         return "auto"
     return dtype
 
@@ -46,8 +48,18 @@ DISTILL_KEYS = ("distill_from", "distill_ce_weight", "distill_kl_weight", "disti
                 "distill_dtype")
 
 
-def hashed_settings(settings: dict) -> dict:
+# What block-wise reconstruction reads; the other keys (block_size, LoRA, distillation weights, ...) do not change it.
+BLOCKWISE_KEYS = ("dataset", "nsamples", "seqlen", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
+                  "blockwise_input", "blockwise_window", "distill_from", "distill_dtype")
+# Block-wise settings: left out of the other methods' keys (runs finished before blockwise existed stay valid).
+BLOCKWISE_ONLY = ("nsamples", "seqlen", "blockwise_input", "blockwise_window")
+
+
+def hashed_settings(settings: dict, method: str = "") -> dict:
     """The recovery settings a stage key holds (evaluation-only settings at their defaults left out)."""
+    if method == "blockwise":
+        return {k: settings[k] for k in BLOCKWISE_KEYS}
+    settings = {k: v for k, v in settings.items() if k not in BLOCKWISE_ONLY}
     distills = settings.get("distill_from") is not None
     return {k: v for k, v in settings.items()
             if not (k in EVAL_DEFAULTS and v == EVAL_DEFAULTS[k]) and (distills or k not in DISTILL_KEYS)}
@@ -85,7 +97,8 @@ def recovery_arguments(pipeline, train_dir: Path, pruned_dir: Path, method: str,
                                       distill_kl_weight=settings["distill_kl_weight"],
                                       distill_hidden_weight=settings["distill_hidden_weight"],
                                       distill_temperature=settings["distill_temperature"],
-                                      distill_dtype=settings["distill_dtype"])
+                                      distill_dtype=settings["distill_dtype"],
+                                      **_blockwise_arguments(method, settings))
     evaluation = {}
     if settings["eval_steps"]:  # the Trainer scores the recipe's held-out blocks before step 1 and every eval_steps
         evaluation = {"eval_strategy": "steps", "eval_steps": settings["eval_steps"], "eval_on_start": True,
@@ -99,6 +112,13 @@ def recovery_arguments(pipeline, train_dir: Path, pruned_dir: Path, method: str,
         disable_tqdm=not config.progress, use_cpu=pipeline.device() == "cpu", **evaluation,
     )
     return model_args, data_args, recovery_args, training_args
+
+
+def _blockwise_arguments(method: str, settings: dict) -> dict:
+    """The recipe's blockwise flags (left at their defaults for the other methods)."""
+    if method != "blockwise":
+        return {}
+    return {name: settings[name] for name in BLOCKWISE_ONLY}
 
 
 def run_recovery(pipeline, directory: Path, pruned_dir: Path, method: str, settings: dict) -> dict:
@@ -134,7 +154,9 @@ def run_recovery(pipeline, directory: Path, pruned_dir: Path, method: str, setti
         summary["dtype_note"] = (f"config dtype {config.dtype}: {method} trained float32 master weights "
                                  "(dtype auto; bf16 autocast on CUDA)")
     label = f"recover {method}"
-    if method == "full":
+    if method == "blockwise":  # per-block losses before/after, kept in the stage's result for the report's plot
+        summary["blockwise"] = json.loads((train_dir / BLOCKWISE_REPORT).read_text())
+    if method in ("full", "blockwise"):  # a full model folder
         model = load_model(str(train_dir), pipeline.load_options())
         summary["evaluation"] = pipeline.evaluate(model, label)
         summary["sparsity"] = summary["sparsity_after_merge"] = measure_sparsity(model).overall

@@ -3,8 +3,14 @@ config names lm-eval tasks), curves, per-layer errors."""
 
 from __future__ import annotations
 
-from prunetune.pipeline.config import PruneSpec, RecoverySpec
+import logging
+import math
+
+from prunetune.pipeline.config import PruneSpec
+from prunetune.pipeline.plan import RecoveryStep
 from prunetune.report import RecoveryCurve, ReportData, ResultRow
+
+logger = logging.getLogger(__name__)
 
 
 class ReportCollector:
@@ -28,10 +34,30 @@ class ReportCollector:
                                    peak_memory_kind=result["peak_memory_kind"],
                                    zeroshot=result["evaluation"].get("zeroshot")))
 
-    def add_recovered(self, spec: RecoverySpec, method: str, structure: str, result: dict) -> str:
-        """The row(s) of one recovery stage and its curves; returns the configuration's name."""
-        name = spec.label(method)
+    def gap_won_back(self, pruned: str, perplexity: float) -> float | None:
+        """The share of the dense-to-pruned perplexity gap a recovery closed, against the prune entry ``pruned``."""
+        by_name = {row.name: row for row in self.rows}
+        dense = next((row.perplexity for row in self.rows if row.stage == "dense"), math.nan)
+        gap = by_name[pruned].perplexity - dense if pruned in by_name else math.nan
+        if not (math.isfinite(gap) and gap > 0 and math.isfinite(perplexity)):
+            return None
+        return (by_name[pruned].perplexity - perplexity) / gap
+
+    def add_recovered(self, step: RecoveryStep, structure: str, result: dict, pruned_sparsity: float) -> str:
+        """The row(s) of one recovery stage and its curves; returns the configuration's name.
+
+        ``pruned_sparsity``: that of the prune entry at the root of the stack; a model-folder recovery
+        (full, blockwise, masked_lora merged) that does not keep it gets a note saying so.
+        """
+        name, method = step.label, step.method
         note = result.get("dtype_note", "")
+        gap = self.gap_won_back(step.prune, result["evaluation"]["perplexity"])
+        if (step.base is not None or method == "blockwise") and gap is not None:  # stacks: how far each step got
+            note = f"{gap:.1%} of the {step.prune} gap to dense won back" + (f"; {note}" if note else "")
+        if method != "lora" and abs(result["sparsity"] - pruned_sparsity) > 1e-9:
+            logger.warning("%s: sparsity %.6f differs from the pruned model's %.6f", name, result["sparsity"], pruned_sparsity)
+            note = (f"sparsity {result['sparsity']:.4%} differs from the pruned model's {pruned_sparsity:.4%}"
+                    + (f"; {note}" if note else ""))
         if result.get("distillation"):
             d = result["distillation"]
             parts = [f"{label} {d[key]:g}" for label, key in (("CE", "ce_weight"), ("KL", "kl_weight"),
@@ -46,7 +72,9 @@ class ReportCollector:
                                    sparsity=result["sparsity"], seconds=result["train_seconds"], tokens_seen=result["tokens"],
                                    peak_memory_mb=result["peak_memory_mb"], peak_memory_kind=result["peak_memory_kind"],
                                    sparsity_after_merge=result["sparsity_after_merge"], note=note,
-                                   zeroshot=result["evaluation"].get("zeroshot")))
+                                   zeroshot=result["evaluation"].get("zeroshot"), gap_won_back=gap))
+        if "blockwise" in result:
+            self.data.blockwise[name] = result["blockwise"]
         if "remasked" in result:
             remasked = result["remasked"]
             self.rows.append(ResultRow(f"{name}, merged + remasked", "recover", method, structure,

@@ -254,7 +254,8 @@ class Pipeline:
 
         return self.stages.run(f"prune {spec.label()}", inputs, work)
 
-    def recover_stage(self, spec: RecoverySpec, method: str, pruned: StageResult) -> StageResult:
+    def recover_stage(self, spec: RecoverySpec, method: str, pruned: StageResult, label: str | None = None) -> StageResult:
+        """One recovery of ``pruned``: a prune stage, or (stacked) the recovery stage it continues; ``label``: its row."""
         settings = spec.for_method(method)
         dtype = recovery_dtype(method, self.config.dtype)
         if dtype != self.config.dtype and not self._dtype_logged:
@@ -262,14 +263,14 @@ class Pipeline:
                            "on %s weights; lora/masked_lora keep their frozen base in %s", self.config.dtype,
                            self.config.dtype, self.config.dtype)
             self._dtype_logged = True
-        inputs = {**self.base_inputs(), "pruned": pruned.key, "method": method, "recovery": hashed_settings(settings),
+        inputs = {**self.base_inputs(), "pruned": pruned.key, "method": method, "recovery": hashed_settings(settings, method),
                   "recovery_dtype": dtype, "recovery_data": self.identity("data", settings["dataset"]),
                   "seed": self.config.seed, **self.recovery_file_inputs(settings)}
 
         def work(directory: Path) -> dict:
-            return run_recovery(self, directory, pruned.directory / pruned.result["model_dir"], method, settings)
+            return run_recovery(self, directory, model_folder(pruned), method, settings)
 
-        return self.stages.run(f"recover {spec.label(method)}", inputs, work)
+        return self.stages.run(f"recover {label or spec.label(method)}", inputs, work)
 
     def recovery_arguments(self, train_dir: Path, pruned_dir: Path, method: str, settings: dict) -> tuple:
         """The four argument objects of :func:`prunetune.recipe.recover` for one stage."""
@@ -325,13 +326,14 @@ class Pipeline:
             stage = pruned[spec.label()] = self.prune_stage(spec)
             report.add_pruned(spec, stage.result)
             weights[spec.label()] = (stage.key, layer_error.weights_loader(self, stage.directory / stage.result["model_dir"]))
-        for spec in self.config.recover:
-            structure = next(p.sparsity_type for p in self.config.prune if p.label() == spec.prune)
-            base = pruned[spec.prune]
-            for method in spec.methods:
-                stage = self.recover_stage(spec, method, base)
-                name = report.add_recovered(spec, method, structure, stage.result)
-                weights.update(layer_error.recovered_weights(self, name, method, base, stage))
+        recovered: dict[str, StageResult] = {}
+        for step in self.config.recovery_steps():  # a stacked step after the one it continues
+            structure = next(p.sparsity_type for p in self.config.prune if p.label() == step.prune)
+            base = pruned[step.prune] if step.base is None else recovered[step.base]
+            stage = recovered[step.label] = self.recover_stage(step.spec, step.method, base, step.label)
+            name = report.add_recovered(step, structure, stage.result,
+                                        pruned[step.prune].result["prune"]["sparsity"]["overall"])
+            weights.update(layer_error.recovered_weights(self, name, step.method, base, stage))
         errors = self.error_stage(weights)
         if errors is not None:
             report.add_errors(errors.result)
@@ -362,6 +364,11 @@ class Pipeline:
         if self.config.stages_dir is not None:
             facts["stages"] = str(self.config.stages_root())
         return facts
+
+
+def model_folder(stage: StageResult) -> Path:
+    """The model folder a stage wrote: a prune stage's model, a recovery's export (full, blockwise, merged masked_lora)."""
+    return stage.directory / (stage.result.get("model_dir") or stage.result["export_dir"])
 
 
 def run_pipeline(config: PipelineConfig, listener: Callable[[StageEvent], None] | None = None) -> PipelineResult:

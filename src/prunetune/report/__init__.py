@@ -33,10 +33,11 @@ class ReportData:
     errors: dict[str, dict[str, float]] = field(default_factory=dict)  # configuration -> qualified layer -> error
     error_source: str = ""  # the inputs the errors were measured on
     facts: dict[str, str] = field(default_factory=dict)  # model, data fingerprints, machine, ...
+    blockwise: dict[str, dict] = field(default_factory=dict)  # blockwise configuration -> its blockwise.json
 
 
 PLOTS = {"perplexity": "perplexity.png", "curve": "perplexity_curve.png", "loss": "loss_curves.png",
-         "errors": "reconstruction_error.png"}
+         "errors": "reconstruction_error.png", "blockwise": "blockwise_losses.png"}
 OLD_PLOTS = ("sparsity_heatmap.png",)  # written by earlier versions; removed from a reused run folder
 
 
@@ -73,6 +74,13 @@ def write_report(data: ReportData, out_dir: Path) -> Path:
                      "against the dense weights W, X being the dense model's inputs to the layer"
                      + (f" ({data.error_source})" if data.error_source else "")
                      + "; recovered models as evaluated (lora: W + BA merged).", ""]
+    if data.blockwise:
+        plots.plot_blockwise_losses(data.blockwise, out_dir / PLOTS["blockwise"])
+        sections += ["## Block-wise reconstruction", "",
+                     f"![per-block reconstruction loss before and after training]({PLOTS['blockwise']})", "",
+                     "Each decoder block's (or window of blocks') normalised output error against the dense block, "
+                     "before and after its training: on the calibration windows it trained on, and on the held-out "
+                     "ones (blockwise.json in each stage's train folder).", ""]
     path, report = out_dir / "report.md", "\n".join(sections)
     atomic_write_text(path, report)
     for name in (*PLOTS.values(), *OLD_PLOTS):  # plots of an earlier run that this one has no data for

@@ -5,7 +5,8 @@
   (how many tokens a method needs, which method wins), the pruned model at 0 tokens and the
   dense model on the same held-out blocks as a reference;
 * training loss against tokens trained;
-* relative output error per decoder block and layer kind, one panel per configuration.
+* relative output error per decoder block and layer kind, one panel per configuration;
+* block-wise reconstruction: each window of blocks' loss before and after training (train, held out).
 """
 
 from __future__ import annotations
@@ -178,3 +179,31 @@ def _split_block(qualified: str) -> tuple[str, str]:
         if parts[i].isdigit():
             return ".".join(parts[: i + 1]), ".".join(parts[i + 1 :])
     return "", qualified
+
+
+def plot_blockwise_losses(reports: dict[str, dict], path: Path) -> None:
+    """Per-window reconstruction loss before/after training, one panel per blockwise configuration.
+
+    ``reports``: configuration -> its ``blockwise.json`` (``windows``: ``blocks``, ``train_before``,
+    ``train_after``, ``held_before``, ``held_after``). Log scale: the first and last blocks differ by decades.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(reports), 1, figsize=(8, 3.2 * len(reports)), squeeze=False)
+    styles = {"train_before": ("train, before", "#dd8452", "--"), "train_after": ("train, after", "#55a868", "-"),
+              "held_before": ("held out, before", "#c44e52", ":"), "held_after": ("held out, after", "#4c72b0", "-.")}
+    for ax, (name, report) in zip(axes[:, 0], reports.items()):
+        windows = report.get("windows", [])
+        ticks = [f"{w['blocks'][0]}-{w['blocks'][-1]}" if len(w["blocks"]) > 1 else str(w["blocks"][0]) for w in windows]
+        for key, (label, color, style) in styles.items():
+            values = [w.get(key) for w in windows]
+            if values and all(v is not None for v in values):
+                ax.plot(range(len(values)), values, style, marker="o", markersize=3, color=color, label=label)
+        ax.set_xticks(range(len(ticks)), ticks, fontsize=7)
+        ax.set_xlabel("decoder block")
+        ax.set_ylabel("normalised MSE")
+        if windows and all(w[k] and w[k] > 0 for w in windows for k in ("train_before", "train_after")):
+            ax.set_yscale("log")
+        ax.set_title(textwrap.shorten(name, 80), fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path, plt)

@@ -32,6 +32,8 @@ class ResultRow:
     sparsity_after_merge: float | None = None  # of the exported model, after merging an adapter
     note: str = ""
     zeroshot: dict | None = None  # lm-eval tasks' scores (prunetune.zeroshot.ZeroShotResult.to_dict()); None: not run
+    # recovery rows: (pruned - this) / (pruned - dense) perplexity, against the prune entry at the root of its stack
+    gap_won_back: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
