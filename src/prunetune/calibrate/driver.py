@@ -6,6 +6,7 @@ As in the SparseGPT and Wanda papers, the decoder is pruned one block at a time:
     for each decoder block:
         place it on the compute device               blocks.py
         gather statistics and prune its layers       two_pass.py (default) or one_pass.py (true_sequential)
+        (--reconstruct: train it to its dense outputs  reconstruct.py)
         propagate: its outputs are the next inputs   blocks.py (one_pass.py does it in its forward)
 
 Memory: calibration activations take ``nsamples * seqlen * hidden`` elements in the
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from prunetune.calibrate.blocks import BlockPlacement, ExtrasCache, propagate, synchronize
 from prunetune.calibrate.capture import capture_inputs
 from prunetune.calibrate.one_pass import OnePass
+from prunetune.calibrate.reconstruct import dense_targets, reconstruct_block
 from prunetune.calibrate.two_pass import TwoPass
 from prunetune.calibrate.types import BlockTiming, CalibrationOptions  # re-exported: their old home
 from prunetune.modules import DecoderBlock, find_decoder_blocks
@@ -67,17 +69,34 @@ def prune_sequentially(model: nn.Module, token_ids: torch.Tensor, pruner, layer_
         timing = BlockTiming(block.index)
         with BlockPlacement(block.module, options.device) as device:
             extras = ExtrasCache(device)
+            reconstructs = bool(layers) and options.reconstruct is not None
+            if reconstructs:
+                start = time.perf_counter()
+                targets = dense_targets(block.module, inputs, extras)
+                # one_pass overwrites the inputs with the pruned block's outputs: keep them to train on
+                saved = [h.clone() for h in inputs.hidden] if schedule.propagates else None
+                timing.reconstruct = time.perf_counter() - start
             if layers:
                 schedule.prune_block(block, layers, inputs, device, extras, timing, last)
+            if reconstructs:
+                if saved is not None:
+                    inputs.hidden[:] = saved
+                timing.reconstruction = reconstruct_block(block.module, block.index, layers, inputs, targets, extras,
+                                                          options.reconstruct)
+                timing.reconstruct += timing.reconstruction.pop("seconds")
+                del targets, saved
             start = time.perf_counter()
             # the last block's outputs feed nothing we prune
-            if not last and not (layers and schedule.propagates):
+            if not last and not (layers and schedule.propagates and not reconstructs):
                 propagate(block.module, inputs, device, extras)
             synchronize(device)
             timing.propagate = time.perf_counter() - start
         timings.append(timing)
         logger.info("block %d: statistics %.2fs, prune %.2fs, propagate %.2fs", block.index,
                     timing.statistics, timing.prune, timing.propagate)
+        if timing.reconstruction is not None:
+            logger.info("block %d: reconstruction error %.4g -> %.4g in %.2fs", block.index,
+                        timing.reconstruction["error_before"], timing.reconstruction["error_after"], timing.reconstruct)
     return timings
 
 

@@ -30,6 +30,8 @@ class CalibrationOptions:
         progress: show a progress bar over blocks.
         lockstep_timeout: with ``true_sequential``, seconds one batch may run between two
             pauses before the run is abandoned as hung (None: wait forever).
+        reconstruct: train each block's kept weights right after pruning it, to reproduce the
+            dense block's outputs (:class:`ReconstructOptions`); None: prune only.
     """
 
     batch_size: int = 8
@@ -39,25 +41,53 @@ class CalibrationOptions:
     true_sequential: bool = False
     progress: bool = False
     lockstep_timeout: float | None = lockstep.DEFAULT_TIMEOUT
+    reconstruct: ReconstructOptions | None = None
+
+
+@dataclass
+class ReconstructOptions:
+    """Block-wise reconstruction inside the calibration pass (``prunetune prune --reconstruct``).
+
+    Right after a block is pruned, its kept weights train (Adam, masks fixed) to reproduce the
+    dense block's outputs on the block's calibration inputs, before those outputs feed the next
+    block; the training step is :func:`prunetune.recover.reconstruction.train_window`, the one
+    ``--recovery_method blockwise`` runs. The defaults are that method's (measured on SmolLM2-135M).
+
+    Attributes:
+        epochs: passes over the calibration batches, per block.
+        learning_rate: Adam's learning rate (no decay, no warm-up).
+        seed: shuffling of the batches (each block draws from its own seeded generator).
+    """
+
+    epochs: int = 3
+    learning_rate: float = 1e-3
+    seed: int = 0
 
 
 @dataclass
 class BlockTiming:
     """Seconds spent on one block (``statistics`` includes its forward pass; with
-    ``true_sequential`` it is the block's only forward, which also propagates)."""
+    ``true_sequential`` it is the block's only forward, which also propagates; ``reconstruct``
+    covers the dense target forward and the training, with ``--reconstruct`` only)."""
 
     block: int
     statistics: float = 0.0
     prune: float = 0.0
     propagate: float = 0.0
+    reconstruct: float = 0.0
+    #: with ``--reconstruct``: normalised block-output error before / after training, each epoch's mean loss
+    reconstruction: dict | None = None
 
     @property
     def total(self) -> float:
-        return self.statistics + self.prune + self.propagate
+        return self.statistics + self.prune + self.propagate + self.reconstruct
 
     def to_dict(self) -> dict:
-        return {"block": self.block, "statistics": self.statistics, "prune": self.prune,
-                "propagate": self.propagate, "total": self.total}
+        timing = {"block": self.block, "statistics": self.statistics, "prune": self.prune,
+                  "propagate": self.propagate, "total": self.total}
+        if self.reconstruction is not None:
+            timing.update(reconstruct=self.reconstruct, reconstruction=self.reconstruction)
+        return timing
 
 
 @dataclass

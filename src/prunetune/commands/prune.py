@@ -81,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prune each layer from the inputs the block as pruned so far gives it, in one block forward "
                             "instead of about 1.8 (faster; keeps the activations of all batches at each layer input "
                             "of a block; masks differ from the papers' reference) -- wanda and sparsegpt")
+    rec = parser.add_argument_group("reconstruction (prune and repair in one calibration pass)")
+    rec.add_argument("--reconstruct", action="store_true",
+                     help="right after pruning each block, train its kept weights (masks fixed, so the sparsity and N:M "
+                          "pattern stay exact) to reproduce the dense block's outputs on its calibration inputs, before "
+                          "those outputs feed the next block -- wanda and sparsegpt")
+    rec.add_argument("--reconstruct_epochs", type=int, default=None,
+                     help="with --reconstruct: passes over the calibration batches per block (default: 3)")
+    rec.add_argument("--reconstruct_lr", type=float, default=None, help="with --reconstruct: Adam's learning rate (default: 1e-3)")
+    rec.add_argument("--reconstruct_batch_size", type=int, default=None,
+                     help="with --reconstruct: calibration windows per training step; the calibration pass runs in "
+                          "batches of this size too (default: --batch_size)")
     out = parser.add_argument_group("evaluation and outputs")
     out.add_argument("--eval_dataset", default=None,
                      help=f"measure perplexity on this data before and after pruning, as Wanda's main.py does: "
@@ -133,7 +144,9 @@ def _validate(args: argparse.Namespace):
                          device=args.compute_device, offload_activations=args.offload_activations,
                          true_sequential=args.true_sequential,
                          targets=args.targets, ignore=args.ignore, options=options, cache_dir=args.cache_dir, progress=True,
-                         sparsity_profile=args.sparsity_profile, owl_m=args.owl_m, owl_lambda=args.owl_lambda)
+                         sparsity_profile=args.sparsity_profile, owl_m=args.owl_m, owl_lambda=args.owl_lambda,
+                         reconstruct=args.reconstruct, reconstruct_epochs=args.reconstruct_epochs,
+                         reconstruct_lr=args.reconstruct_lr, reconstruct_batch_size=args.reconstruct_batch_size)
     args.eval_defaulted = args.eval_dataset is None
     if args.eval_defaulted:
         args.eval_dataset = default_data("evaluation", args.model)

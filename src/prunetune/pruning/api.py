@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prunetune.calibrate import BlockTiming, CalibrationOptions, prune_sequentially
+from prunetune.calibrate import BlockTiming, CalibrationOptions, ReconstructOptions, prune_sequentially
 from prunetune.data import calibration_samples, check_source, load_documents
 from prunetune.errors import UsageError, require
 from prunetune.evaluate import check_seqlen, default_seqlen
@@ -77,6 +77,13 @@ class PruneConfig:
             ratio; see :mod:`prunetune.pruning.profile`. The overall sparsity stays the target.
         owl_m: OWL's outlier threshold, a multiple of the block's mean Wanda score.
         owl_lambda: OWL's largest deviation of a block's ratio from the target.
+        reconstruct: right after pruning each block, train its kept weights (masks fixed) to
+            reproduce the dense block's outputs on its calibration inputs, before those outputs
+            feed the next block (see :mod:`prunetune.calibrate.reconstruct`); wanda and sparsegpt.
+        reconstruct_epochs: with ``reconstruct``, passes over the calibration batches per block (default 3).
+        reconstruct_lr: with ``reconstruct``, Adam's learning rate (default 1e-3).
+        reconstruct_batch_size: with ``reconstruct``, windows per training step; the calibration
+            pass then runs in batches of this size too (default: ``batch_size``).
         cache_dir: Hugging Face datasets cache.
         progress: show progress bars.
     """
@@ -100,6 +107,10 @@ class PruneConfig:
     sparsity_profile: str | dict | None = None
     owl_m: float = profiles.DEFAULT_OWL_M
     owl_lambda: float = profiles.DEFAULT_OWL_LAMBDA
+    reconstruct: bool = False
+    reconstruct_epochs: int | None = None  # None: ReconstructOptions' default
+    reconstruct_lr: float | None = None
+    reconstruct_batch_size: int | None = None  # None: batch_size
     cache_dir: str | None = None
     progress: bool = False
 
@@ -125,12 +136,36 @@ class PruneConfig:
                 f"seqlen must be an integer >= 2 (or None for the model's context), got {self.seqlen!r}.")
         if self.needs_calibration and self.calibration_ids is None:
             check_source(self.calib_dataset, flag="--calib_dataset")
+        self.reconstruction = _reconstruct_options(self)
 
 
     @property
     def needs_calibration(self) -> bool:
         """Calibration data is drawn: the pruner needs it, or OWL's statistics pass (magnitude too)."""
         return self.pruner.needs_calibration or self.profile.kind == profiles.OWL
+
+
+def _reconstruct_options(config: PruneConfig) -> ReconstructOptions | None:
+    """The validated reconstruction settings (None without ``reconstruct``)."""
+    given = [f"--{k}" for k in ("reconstruct_epochs", "reconstruct_lr", "reconstruct_batch_size")
+             if getattr(config, k) is not None]
+    if not config.reconstruct:
+        require(not given, f"{', '.join(given)}: only used with --reconstruct, which is off; pass --reconstruct too, "
+                           f"or leave {'it' if len(given) == 1 else 'them'} out.")
+        return None
+    require(config.pruner.needs_calibration, f"--reconstruct trains each block on the calibration pass; the "
+            f"{config.method} pruner makes none (accepted with wanda and sparsegpt).")
+    defaults = ReconstructOptions()
+    epochs = defaults.epochs if config.reconstruct_epochs is None else config.reconstruct_epochs
+    lr = defaults.learning_rate if config.reconstruct_lr is None else config.reconstruct_lr
+    require(isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1,
+            f"--reconstruct_epochs must be a positive integer, got {epochs!r}.")
+    require(isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < float("inf"),
+            f"--reconstruct_lr must be a positive number, got {lr!r}.")
+    size = config.reconstruct_batch_size
+    require(size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 1),
+            f"--reconstruct_batch_size must be a positive integer, got {size!r}.")
+    return ReconstructOptions(epochs=epochs, learning_rate=float(lr), seed=config.seed)
 
 
 def pruner_class(name: str) -> type[Pruner]:
@@ -169,6 +204,7 @@ class PruneReport:
     block_timings: list[BlockTiming] = field(default_factory=list)
     true_sequential: bool = False
     profile: profiles.ProfileReport | None = None  # None: uniform
+    reconstruction: dict | None = None  # with --reconstruct: settings and each block's error before/after
 
     @property
     def already_sparse(self) -> bool:
@@ -188,6 +224,7 @@ class PruneReport:
             "sparsity": self.sparsity.to_dict(),
             "sparsity_profile": self.profile.to_dict() if self.profile else {"kind": profiles.UNIFORM},
             "block_timings": [t.to_dict() for t in self.block_timings],
+            **({"reconstruction": self.reconstruction} if self.reconstruction is not None else {}),
         }
 
 
@@ -255,6 +292,14 @@ def _calibration_ids(model, tokenizer, config: PruneConfig) -> tuple[torch.Tenso
                  "seqlen": seqlen, "seed": config.seed}
 
 
+def _reconstruction_summary(config: PruneConfig, timings: list[BlockTiming]) -> dict | None:
+    if config.reconstruction is None:
+        return None
+    blocks = [{"block": t.block, **t.reconstruction, "seconds": t.reconstruct} for t in timings if t.reconstruction]
+    return {"epochs": config.reconstruction.epochs, "learning_rate": config.reconstruction.learning_rate,
+            "batch_size": config.reconstruct_batch_size or config.batch_size, "input_mode": "sparse", "blocks": blocks}
+
+
 @torch.no_grad()
 def prune(model, tokenizer=None, config: PruneConfig | None = None) -> PruneReport:
     """Prune ``model`` in place.
@@ -288,9 +333,10 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None) -> PruneRepo
     try:
         if config.needs_calibration:
             ids, calibration = _calibration_ids(model, tokenizer, config)
-            options = CalibrationOptions(batch_size=config.batch_size, device=config.device,
-                                         offload_activations=config.offload_activations,
-                                         true_sequential=config.true_sequential, progress=config.progress)
+            options = CalibrationOptions(batch_size=config.reconstruct_batch_size or config.batch_size,
+                                         device=config.device, offload_activations=config.offload_activations,
+                                         true_sequential=config.true_sequential, progress=config.progress,
+                                         reconstruct=config.reconstruction)
         start = time.perf_counter()  # time the pruning, not the tokenization
         if not config.profile.uniform:
             outliers = None
@@ -318,6 +364,7 @@ def prune(model, tokenizer=None, config: PruneConfig | None = None) -> PruneRepo
     report = PruneReport(method=pruner.name, sparsity_ratio=pruner.ratio, sparsity_type=str(pruner.structure),
                          use_variant=pruner.use_variant, seconds=seconds, sparsity=measure_sparsity(model),
                          initial_sparsity=initial.overall, calibration=calibration, options=dict(config.options),
-                         block_timings=timings, true_sequential=config.true_sequential, profile=profile)
+                         block_timings=timings, true_sequential=config.true_sequential, profile=profile,
+                         reconstruction=_reconstruction_summary(config, timings))
     logger.info("%s: %.4f sparse in %.2fs", pruner.name, report.sparsity.overall, seconds)
     return report
