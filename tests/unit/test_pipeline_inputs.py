@@ -156,3 +156,87 @@ def test_distillation_defaults_without_a_teacher_and_an_opted_out_method_are_acc
     del entry["distill_from"], entry["distill_kl_weight"], entry["method_overrides"]
     entry.update(distill_ce_weight=0.0, distill_temperature=1.0)  # the defaults, written out
     load_config(raw)
+
+
+# --------------------------------------------------------------------------- blockwise and stacked recoveries
+
+BLOCKWISE = {"prune": "magnitude 50%", "methods": ["blockwise"], "name": "bw", "nsamples": 8, "seqlen": 32,
+             "num_train_epochs": 1, "learning_rate": 5.0e-4, "per_device_train_batch_size": 2}
+
+
+def step_key(raw: dict, index: int = 0, base: StageResult | None = None) -> tuple[str, dict]:
+    """The key (and inputs) of the config's ``index``-th recovery step, started from ``base`` (nothing runs)."""
+    pipeline = Pipeline(load_config(raw))
+    recorded = {}
+    pipeline.stages.run = lambda name, stage_inputs, work, folder=None: recorded.setdefault("inputs", stage_inputs)
+    step = pipeline.config.recovery_steps()[index]
+    base = base or StageResult("prune magnitude 50%", pipeline.root / "stages" / "prune", "prunekey", {"model_dir": "model"},
+                               False)
+    pipeline.recover_stage(step.spec, step.method, base, step.label)
+    return stage_hash(recorded["inputs"]), recorded["inputs"]
+
+
+def _blockwise_raw(tmp_path, **changes) -> dict:
+    return {"model": "tiny", "output_dir": str(tmp_path / "run"), "device": "cpu", "prune": [{"method": "magnitude"}],
+            "recover": [{**BLOCKWISE, **changes}]}
+
+
+@pytest.mark.parametrize("key, value", [("blockwise_input", "dense"), ("blockwise_window", 2), ("nsamples", 16),
+                                        ("seqlen", 64), ("num_train_epochs", 2), ("learning_rate", 1.0e-3),
+                                        ("per_device_train_batch_size", 4), ("distill_from", "tiny-teacher")])
+def test_every_blockwise_setting_is_in_the_stage_key(tmp_path, key, value):
+    if key == "distill_from":  # another teacher (a copy of tiny), keyed by content
+        shutil.copytree(TINY_PATH, tmp_path / value)
+        value = str(tmp_path / value)
+    before, inputs = step_key(_blockwise_raw(tmp_path))
+    assert inputs["recovery"]["distill_from"] == "dense"  # the teacher defaults to the pipeline's dense model
+    assert step_key(_blockwise_raw(tmp_path))[0] == before
+    assert step_key(_blockwise_raw(tmp_path, **{key: value}))[0] != before
+
+
+def test_settings_blockwise_does_not_read_leave_its_key_alone(tmp_path):
+    before, _ = step_key(_blockwise_raw(tmp_path))
+    assert step_key(_blockwise_raw(tmp_path, block_size=64, lora_r=4))[0] == before
+
+
+def test_blockwise_keys_leave_the_other_methods_keys_as_they_were(tmp_path):
+    raw = {"model": "tiny", "output_dir": str(tmp_path / "run"), "device": "cpu", "prune": [{"method": "magnitude"}],
+           "recover": [{"prune": "magnitude 50%", "methods": ["lora"], "block_size": 64}]}
+    before, inputs = step_key(raw)
+    assert not {"nsamples", "seqlen", "blockwise_input", "blockwise_window"} & set(inputs["recovery"])
+    raw["recover"][0].update(nsamples=8, blockwise_window=3)
+    assert step_key(raw)[0] == before
+
+
+def test_a_stacked_stage_is_keyed_on_its_base_stage(tmp_path):
+    raw = _blockwise_raw(tmp_path)
+    raw["recover"].append({"after": "bw", "methods": ["full"], "block_size": 64})
+    steps = load_config(raw).recovery_steps()
+    assert [(s.label, s.base, s.prune) for s in steps] == [
+        ("magnitude 50% + blockwise + bw", None, "magnitude 50%"),
+        ("magnitude 50% + blockwise + bw + full", "magnitude 50% + blockwise + bw", "magnitude 50%")]
+    base = StageResult("recover bw", tmp_path, "basekey", {"export_dir": "train"}, False)
+    key, inputs = step_key(raw, 1, base)
+    assert inputs["pruned"] == "basekey"
+    assert step_key(raw, 1, StageResult("recover bw", tmp_path, "otherkey", {"export_dir": "train"}, False))[0] != key
+
+
+def test_stacked_entries_run_after_their_base_whatever_the_file_order(tmp_path):
+    raw = _blockwise_raw(tmp_path)
+    raw["recover"].insert(0, {"after": "bw", "methods": ["full"], "block_size": 64})
+    assert [s.label for s in load_config(raw).recovery_steps()] == [
+        "magnitude 50% + blockwise + bw", "magnitude 50% + blockwise + bw + full"]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"after": "nobody", "methods": ["full"]}, "'nobody' names no recover entry"),
+    ({"after": "loop", "name": "loop", "methods": ["full"]}, "in a loop"),
+    ({"after": "bw", "prune": "wanda 50%", "methods": ["full"]}, "drop 'prune' from a stacked entry"),
+    ({"methods": ["full"]}, "give 'prune'"),
+])
+def test_bad_stacks_are_refused_when_the_config_loads(tmp_path, entry, message):
+    raw = _blockwise_raw(tmp_path)
+    raw["prune"].append({"method": "wanda"})
+    raw["recover"].append(entry)
+    with pytest.raises(UsageError, match=message):
+        load_config(raw)
