@@ -26,6 +26,11 @@ TINY_READY = (TINY_PATH / "model.safetensors").exists()
     (["--seqlen", "1"], "seqlen"),
     (["--blocksize", "64"], "blocksize"),
     (["--prune_method", "magnitude", "--true_sequential"], "true_sequential"),
+    (["--reconstruct", "--reconstruct_epochs", "0"], "--reconstruct_epochs must be a positive integer, got 0"),
+    (["--reconstruct", "--reconstruct_lr", "-0.5"], "--reconstruct_lr must be a positive number, got -0.5"),
+    (["--reconstruct", "--reconstruct_batch_size", "0"], "--reconstruct_batch_size must be a positive integer, got 0"),
+    (["--reconstruct_epochs", "2"], "--reconstruct_epochs: only used with --reconstruct"),
+    (["--prune_method", "magnitude", "--reconstruct"], "magnitude"),
 ])
 def test_bad_input_exits_2_naming_the_value(extra, fragment, capsys):
     assert main(["prune", "--model", "tiny", *extra]) == 2
@@ -134,3 +139,20 @@ def test_too_little_calibration_text_is_refused_before_the_perplexity_pass(tmp_p
                  "500", "--seqlen", "64", "--device", "cpu", "--save", str(tmp_path / "out")]) == 2
     assert "Calibration asks for 500 x 64 = 32000 tokens" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not TINY_READY, reason=f"the bundled tiny model is not trained yet ({TINY_PATH / 'model.safetensors'} missing)")
+def test_prune_reconstruct_end_to_end(tmp_path, capsys):
+    results, model_dir = tmp_path / "results", tmp_path / "model"
+    code = main(["prune", "--model", "tiny", "--sparsity_type", "2:4", "--nsamples", "8", "--seqlen", "32",
+                 "--device", "cpu", "--calib_dataset", "builtin", "--eval_dataset", "none", "--reconstruct",
+                 "--reconstruct_epochs", "2", "--reconstruct_lr", "1e-3", "--reconstruct_batch_size", "4",
+                 "--save", str(results), "--save_model", str(model_dir)])
+    assert code == 0
+    assert "sparsity 0.5000" in capsys.readouterr().out
+    report = json.loads((results / "prune_report.json").read_text())
+    manifest = json.loads((model_dir / "prunetune.json").read_text())
+    for summary in (report["reconstruction"], manifest["reconstruction"]):
+        assert (summary["epochs"], summary["learning_rate"], summary["batch_size"]) == (2, 1e-3, 4)
+        assert all(b["error_after"] < b["error_before"] for b in summary["blocks"]) and summary["blocks"]
+    assert set(manifest["sparsity"]["per_module"].values()) == {0.5}
