@@ -14,6 +14,9 @@ from prunetune.errors import UsageError
 from prunetune.evaluate import evaluate_dataset
 from prunetune.loading import TINY_PATH, load_model, load_tokenizer
 from prunetune.modules import find_decoder_blocks, prunable_layers, weight_matrix
+from prunetune.pipeline import Pipeline, load_config
+from prunetune.pipeline.config import PipelineConfig
+from prunetune.pipeline.stages import stage_hash
 from prunetune.pruning import PruneConfig, prune
 from tests.factories import make_model, random_tokens
 
@@ -104,3 +107,37 @@ def test_reconstruction_beats_plain_wanda_on_held_out_text(one_thread):
         # builtin's test split: text the calibration windows (train split) never saw
         scores[reconstruct] = evaluate_dataset(model, tokenizer, "builtin", 64, split="test").perplexity
     assert scores[True] < scores[False]
+
+
+# --------------------------------------------------------------------------- pipeline prune entries
+
+
+def _prune_inputs(tmp_path, **entry) -> tuple[dict, PipelineConfig]:
+    """What the config's prune stage would be keyed on (nothing runs), and the config."""
+    raw = {"model": "tiny", "output_dir": str(tmp_path / "run"), "device": "cpu",
+           "calibration": {"dataset": "builtin"}, "prune": [{"method": "wanda", **entry}]}
+    pipeline = Pipeline(load_config(raw))
+    recorded = {}
+    pipeline.stages.run = lambda name, stage_inputs, work, folder=None: recorded.setdefault("inputs", stage_inputs)
+    pipeline.prune_stage(pipeline.config.prune[0])
+    return recorded["inputs"], pipeline.config
+
+
+def test_a_pipeline_prune_entry_takes_the_reconstruction_keys(tmp_path):
+    plain, _ = _prune_inputs(tmp_path)
+    assert not any(key.startswith("reconstruct") for key in plain["prune"])  # off: keyed as before the option
+    inputs, config = _prune_inputs(tmp_path, reconstruct=True, reconstruct_epochs=2, reconstruct_lr=5e-4,
+                                   reconstruct_batch_size=4)
+    assert inputs["prune"]["reconstruct_epochs"] == 2 and stage_hash(inputs) != stage_hash(plain)
+    spec = config.prune[0]
+    assert spec.label() == "wanda 50% reconstructed"
+    options = config.prune_config(spec).reconstruction
+    assert (options.epochs, options.learning_rate) == (2, 5e-4)
+
+
+@pytest.mark.parametrize("entry,fragment", [({"reconstruct": True, "reconstruct_epochs": 0}, "got 0"),
+                                            ({"reconstruct_lr": 1e-3}, "--reconstruct_lr")])
+def test_a_pipeline_prune_entry_with_bad_reconstruction_keys_is_refused(tmp_path, entry, fragment):
+    with pytest.raises(UsageError, match="reconstruct") as err:
+        _prune_inputs(tmp_path, **entry)
+    assert fragment in str(err.value)

@@ -84,6 +84,10 @@ class PruneSpec:
     sparsity_profile: str | None = None  # uniform (None), owl, or a JSON/YAML file: block index or layer glob -> ratio
     owl_m: float = 5.0  # OWL: outlier above this multiple of the block's mean Wanda score
     owl_lambda: float = 0.08  # OWL: largest deviation of a block's ratio from sparsity_ratio
+    reconstruct: bool = False  # train each pruned block to the dense block's outputs before they propagate
+    reconstruct_epochs: int | None = None  # reconstruct: passes per block (None: 3)
+    reconstruct_lr: float | None = None  # reconstruct: Adam's learning rate (None: 1e-3)
+    reconstruct_batch_size: int | None = None  # reconstruct: windows per step and per calibration forward (None: 8)
     name: str | None = None  # default: "<method>-<ratio|N:M>"
 
     def label(self) -> str:
@@ -95,6 +99,7 @@ class PruneSpec:
         else:
             structure = self.sparsity_type
         suffix = " (true sequential)" if self.true_sequential else ""
+        suffix += " reconstructed" if self.reconstruct else ""
         if self.sparsity_profile not in (None, "uniform"):
             suffix = f" {Path(self.sparsity_profile).name}{suffix}"  # "wanda 70% owl", "wanda 70% alpha.yaml"
         return f"{self.method}{'-variant' if self.use_variant else ''} {structure}{suffix}"
@@ -259,7 +264,9 @@ class PipelineConfig:
                            use_variant=spec.use_variant, nsamples=calibration.nsamples, seqlen=calibration.seqlen,
                            seed=calibration.seed, calib_dataset=calibration.dataset,
                            true_sequential=spec.true_sequential, progress=self.progress,
-                           sparsity_profile=spec.sparsity_profile, owl_m=spec.owl_m, owl_lambda=spec.owl_lambda)
+                           sparsity_profile=spec.sparsity_profile, owl_m=spec.owl_m, owl_lambda=spec.owl_lambda,
+                           reconstruct=spec.reconstruct, reconstruct_epochs=spec.reconstruct_epochs,
+                           reconstruct_lr=spec.reconstruct_lr, reconstruct_batch_size=spec.reconstruct_batch_size)
 
     def recovery_steps(self) -> list[RecoveryStep]:
         """Every recovery stage, each after the one it starts from (see :mod:`prunetune.pipeline.plan`)."""

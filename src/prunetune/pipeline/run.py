@@ -232,6 +232,9 @@ class Pipeline:
         if settings["sparsity_profile"] in (None, "uniform"):  # uniform: hashed as before profiles existed
             for key in ("sparsity_profile", "owl_m", "owl_lambda"):
                 del settings[key]
+        if not settings["reconstruct"]:  # off: hashed as before the option existed
+            for key in ("reconstruct", "reconstruct_epochs", "reconstruct_lr", "reconstruct_batch_size"):
+                del settings[key]
         config = self.config.prune_config(spec)
         inputs = {**self.base_inputs(), "prune": settings}
         if config.needs_calibration:  # magnitude reads no data (unless OWL measures outliers)
