@@ -145,13 +145,12 @@ class RecoverySpec:
     distill_temperature: float = 1.0
     distill_dtype: str = "auto"
     # blockwise (each decoder block trains its kept weights to reproduce the dense block's output; the
-    # teacher is distill_from, default this pipeline's dense model): calibration windows drawn from
-    # dataset, their length, and what feeds each block. It also reads num_train_epochs (whole passes),
-    # learning_rate and per_device_train_batch_size (windows per step); block_size and max_steps are unused.
-    nsamples: int = 128
-    seqlen: int = 256
-    blockwise_input: str = "sparse"  # sparse: the pruned model's activations; dense: the dense model's; mix: both
-    blockwise_window: int = 1  # consecutive blocks trained together
+    # teacher is distill_from, default this pipeline's dense model). It also reads num_train_epochs (whole
+    # passes), learning_rate and per_device_train_batch_size (windows per step); block_size and max_steps are unused.
+    nsamples: int = 128  # blockwise: calibration windows drawn from dataset (a tenth held out)
+    seqlen: int = 256  # blockwise: tokens per window
+    blockwise_input: str = "sparse"  # blockwise: what feeds each block: sparse (the pruned model's activations), dense, mix
+    blockwise_window: int = 1  # blockwise: consecutive blocks trained together
     # A name for this entry's rows and stages ("wanda 50% + full + NAME"): needed when two
     # entries recover the same pruned model with the same method (e.g. with and without distillation).
     name: str | None = None
