@@ -41,7 +41,7 @@ def test_reconstruction_keeps_the_masks_pruning_chose_exactly(structure, ratio, 
         return reconstruct_block(block, index, layers, *args)
 
     monkeypatch.setattr(driver, "reconstruct_block", spy)
-    report = prune(rebuilt, config=PruneConfig(**common, reconstruct=True, reconstruct_epochs=2, reconstruct_lr=1e-2))
+    report = prune(rebuilt, config=PruneConfig(**common, reconstruct=True, reconstruct_epochs=2, reconstruct_lr=1e-3))
     blocks = find_decoder_blocks(rebuilt)
     assert sorted(chosen) == [b.index for b in blocks]
     for block in blocks:
@@ -68,7 +68,7 @@ def test_every_block_error_goes_down_and_is_reported(one_thread):
     assert summary["epochs"] == 3 and summary["learning_rate"] == 1e-3 and summary["batch_size"] == 2
     assert [b["block"] for b in summary["blocks"]] == [0, 1, 2]
     for block in summary["blocks"]:
-        assert block["error_after"] < block["error_before"], block
+        assert block["error_after"] < block["error_before"] and not block["reverted"], block
         assert len(block["epoch_losses"]) == 3 and block["seconds"] >= 0
     timings = [t.to_dict() for t in report.block_timings]
     assert all(t["reconstruction"]["error_after"] < t["reconstruction"]["error_before"] for t in timings)
@@ -141,3 +141,15 @@ def test_a_pipeline_prune_entry_with_bad_reconstruction_keys_is_refused(tmp_path
     with pytest.raises(UsageError, match="reconstruct") as err:
         _prune_inputs(tmp_path, **entry)
     assert fragment in str(err.value)
+
+
+def test_a_block_training_made_worse_is_put_back_as_pruned(one_thread):
+    dense, ids = make_model(hidden=64, layers=2), random_tokens(8, 16)
+    plain, rebuilt = copy.deepcopy(dense), copy.deepcopy(dense)
+    prune(plain, config=PruneConfig(calibration_ids=ids))
+    report = prune(rebuilt, config=PruneConfig(calibration_ids=ids, reconstruct=True, reconstruct_lr=10.0))
+    blocks = report.to_dict()["reconstruction"]["blocks"]
+    assert blocks[0]["reverted"] and blocks[0]["error_after"] == blocks[0]["error_before"]
+    first = find_decoder_blocks(rebuilt)[0]
+    for relative, module in first.linears.items():  # a learning rate of 10 wrecks the block: the pruned weights are back
+        assert torch.equal(weight_matrix(module), weight_matrix(prunable_layers(plain)[first.qualified(relative)]))

@@ -12,8 +12,10 @@ reconstructed model so far produces (``--recovery_method blockwise``'s ``sparse`
 The training is :func:`prunetune.recover.reconstruction.train_window`, the same function as
 block-wise recovery's, under the same normalised block-output error. Masks are the block's
 zeros right after pruning, held by :class:`prunetune.recover.full.MaskEnforcer`: every pruned
-weight stays exactly zero, N:M intact. Memory: one block's weights, gradients and Adam state,
-plus the dense targets (one more set of the calibration activations).
+weight stays exactly zero, N:M intact. A block whose error training raised (a learning rate too
+large) is put back as pruned: a reconstructed block is never worse on the calibration data.
+Memory: one block's weights (twice: the pruned copy), gradients and Adam state, plus the dense
+targets (one more set of the calibration activations).
 """
 
 from __future__ import annotations
@@ -50,13 +52,15 @@ def reconstruct_block(block: nn.Module, index: int, layers: dict[str, nn.Module]
         options: epochs, learning rate, seed.
 
     Returns:
-        ``{"error_before", "error_after", "epoch_losses", "seconds"}`` (errors: normalised MSE
-        over all batches).
+        ``{"error_before", "error_after", "epoch_losses", "reverted", "seconds"}`` (errors:
+        normalised MSE over all batches). A block whose error went up is put back as pruned
+        (``reverted``; its ``error_after`` is then ``error_before``).
     """
     start = time.perf_counter()
     before = reconstruction_error([block], inputs.hidden, targets, inputs.extras, extras)
     with torch.no_grad():
         masks = MaskSet({name: weight_matrix(module) != 0 for name, module in layers.items()})
+    pruned = {name: value.clone() for name, value in block.state_dict().items()}  # one block's weights
     enforcer = MaskEnforcer(block, masks, remask="always")  # names relative to the block
     generator = torch.Generator().manual_seed(options.seed * 100_003 + index)
     try:
@@ -67,6 +71,11 @@ def reconstruct_block(block: nn.Module, index: int, layers: dict[str, nn.Module]
         for module in enforcer.layers.values():
             module._buffers.pop(KEPT_BUFFER, None)  # the mask buffers must not outlive the block's turn
     after = reconstruction_error([block], inputs.hidden, targets, inputs.extras, extras)
+    reverted = not after <= before  # e.g. a learning rate too large: never worse than pruning alone
+    if reverted:
+        block.load_state_dict(pruned)
+        after = before
+    del pruned
     synchronize(extras.device)
-    return {"error_before": before, "error_after": after, "epoch_losses": losses,
+    return {"error_before": before, "error_after": after, "epoch_losses": losses, "reverted": reverted,
             "seconds": time.perf_counter() - start}
