@@ -183,12 +183,67 @@ def h100_recover() -> str:
     return "\n".join(lines) + f"\n\n{setup}\n\n" + _caption(source)
 
 
+def _bench_caption(records: list[dict]) -> str:
+    """Provenance of benchmark records that carry their own (command, commit, date, machine)."""
+    lines = []
+    for r in records:
+        machine = r["machine"]
+        threads = machine.get("threads")
+        where = f"{machine.get('cpus', '?')}-core CPU, {threads} threads, torch {machine.get('torch', '?')}"
+        command = re.sub(r" --pruned_cache \S+", "", r["command"])  # a local cache of the pruned model, not a setting
+        lines.append(f"*`{command}` · commit {r['commit']} · {r['date'][:16].replace('T', ' ')} UTC · {where}.*")
+    return "\n\n".join(lines)
+
+
+def blockwise_bench() -> str:
+    """benchmarks/blockwise_smollm2.py: Wanda 50% on SmolLM2-135M, then block-wise reconstruction alone."""
+    paths = sorted((ROOT / "benchmarks/results").glob("blockwise_*.json"))
+    records = [json.loads(path.read_text()) for path in paths]
+    records.sort(key=lambda r: r["date"])
+    lines = ["| inputs | window | calibration tokens | passes | lr | perplexity after | gap won back | wall time | CPU time | load average (1 min, start -> end) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        s, load = r["settings"], r["load_average"]
+        lines.append(f"| {s['input_mode']} | {s['window']} | {s['nsamples']} x {s['seqlen']} | {s['epochs']} | {s['learning_rate']:g} "
+                     f"| {r['ppl_after']:.2f} | {r['gap_won_back']:.1%} | {r['minutes']:.1f} min | {r['cpu_minutes']:.1f} min "
+                     f"| {load['start'][0]:.1f} -> {load['after_reconstruction'][0]:.1f} |")
+    first = records[0]
+    setup = (f"SmolLM2-135M, dense {first['ppl_dense']:.2f}, Wanda 50% {first['ppl_pruned']:.2f} (128 x 128 calibration "
+             "tokens of Tiny Shakespeare); reconstruction on Tiny Shakespeare, perplexity on WikiText-2 raw test, first "
+             "12 windows of 512 tokens. Sparsity after every run: exactly 50.00%. Wall times depend on what else ran on "
+             "the two cores (the load average column); CPU time is the process's own.")
+    return "\n".join(lines) + f"\n\n{setup}\n\n" + _bench_caption(records)
+
+
+def owl_bench() -> str:
+    """benchmarks/owl_smollm2.py: uniform against OWL layer-wise sparsity on SmolLM2-135M."""
+    source = "benchmarks/results/owl_smollm2.json"
+    data = _load(source)
+    dense = next(r for r in data["rows"] if r["method"] == "dense")
+    rows = {(r["method"], r["ratio"], r["profile"]): r for r in data["rows"] if r["method"] != "dense"}
+    lines = ["| method | target | uniform: perplexity | OWL: perplexity | OWL: overall sparsity | OWL block ratios | OWL statistics pass | pruning pass (OWL run) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (method, ratio, profile), owl in sorted(rows.items()):
+        if profile != "owl" or (method, ratio, "uniform") not in rows:
+            continue
+        uniform = rows[(method, ratio, "uniform")]
+        ratios = list(owl["block_ratios"].values())
+        lines.append(f"| {method} | {ratio:.0%} | {uniform['perplexity']:.1f} | {owl['perplexity']:.1f} | {owl['sparsity']:.4%} "
+                     f"| {min(ratios):.3f} - {max(ratios):.3f} | {owl['statistics_seconds']:.0f} s | {owl['prune_seconds']:.0f} s |")
+    setup = (f"SmolLM2-135M, dense {dense['perplexity']:.2f}; 128 x 128 calibration tokens of Tiny Shakespeare; perplexity "
+             "on WikiText-2 raw test, first 12 windows of 512 tokens; OWL with M = 5, lambda = 0.08. Times on two shared "
+             "cores: compare the statistics pass only with the pruning pass of its own row.")
+    runs = [dict(r, machine=dict(r["machine"], threads=r["settings"].get("threads"))) for r in data["runs"]]
+    return "\n".join(lines) + f"\n\n{setup}\n\n" + _bench_caption(runs)
+
+
 def render(table_id: str) -> str:
     kind, _, arg = table_id.partition(":")
     renderers = {"results": lambda: results_table(arg), "gap": lambda: gap_table(arg),
                  "gap-readme": lambda: gap_table(arg, readme=True), "distill": lambda: distill_pairs(arg),
                  "curve": lambda: curve_table(arg), "h100-prune": h100_prune, "h100-recover": h100_recover,
-                 "config-reference": reference_markdown}
+                 "config-reference": reference_markdown,
+                 "blockwise-bench": blockwise_bench, "owl-bench": owl_bench}
     if kind not in renderers:
         raise KeyError(f"unknown table id {table_id!r}; renderers: {', '.join(renderers)}")
     return renderers[kind]()
