@@ -63,7 +63,7 @@ class RecoveryArguments:
     distill_from: str | None = field(
         default=None,
         metadata={"help": "Distil from the dense model the student was pruned from (frozen; one more model in "
-                          "memory). Default loss: KL + SquareHead, the best mix measured (README)."},
+                          "memory). Default loss: KL + SquareHead, the best mix measured (docs: Recovery, distillation)."},
     )
     distill_dtype: str = field(
         default="auto",
