@@ -1,6 +1,6 @@
 """Recovery after pruning, the library: win back accuracy without giving up the sparsity.
 
-Three methods, one module each, by name in :mod:`.registry` (the recipe that runs them,
+Four methods, one module each, by name in :mod:`.registry` (the recipe that runs them,
 ``prunetune recover``, is :mod:`prunetune.recipe`):
 
 * ``lora`` (:mod:`.lora`): PEFT LoRA on the frozen pruned model; merging densifies.
@@ -8,11 +8,13 @@ Three methods, one module each, by name in :mod:`.registry` (the recipe that run
   hooks; merging keeps the pruned sparsity exactly.
 * ``full`` (:mod:`.full`): every kept weight trains; masks taken once, gradients masked,
   pruned weights verified (and re-zeroed where the optimizer could move them).
+* ``blockwise`` (:mod:`.blockwise`, training loop in :mod:`.reconstruction`): each decoder block's
+  kept weights trained to reproduce the dense block's output, block after block (no Trainer).
 
-Every run carries the :class:`~.callbacks.SparsityGuard`. Parallelism: DDP (``torchrun`` /
-``accelerate launch``) is tested (2 CPU processes, gloo); FSDP and DeepSpeed are passed
-through ``TrainingArguments`` untested for the adapter methods and refused for ``full``
-(its masks need whole weights).
+Every Trainer run carries the :class:`~.callbacks.SparsityGuard`. Parallelism: DDP (``torchrun`` /
+``accelerate launch``) and FSDP2 for ``full`` (masks sharded with their weights, :mod:`.sharding`;
+distillation included) are tested on 2 CPU processes (gloo); DeepSpeed is passed through
+``TrainingArguments`` untested.
 
 Heavy modules load on first use, so ``from prunetune.recover.adapter import apply_adapter``
 (``prunetune eval --lora_weights``) does not import the Trainer. ``recover`` and
