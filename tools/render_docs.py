@@ -102,8 +102,10 @@ def gap_table(run: str, readme: bool = False) -> str:
         for row in (r for r in recovered if r["name"].startswith(base + " + ")):
             merged = row.get("sparsity_after_merge")
             note = " (densifies when merged)" if row["method"] == "lora" else ""
+            # block-wise counts each calibration token once per block and pass it trains on
+            passes = " block-token passes" if row["method"] == "blockwise" else ""
             lines.append(f"| {row['name']}{note} | {row['perplexity']:.2f} | {_gap(rows[base]['perplexity'], row['perplexity'], dense)} "
-                         f"| {row['tokens_seen']:,} | {_seconds(row['seconds'])} | {row['tokens_seen'] / row['seconds']:.0f} "
+                         f"| {row['tokens_seen']:,}{passes} | {_seconds(row['seconds'])} | {row['tokens_seen'] / row['seconds']:.0f} "
                          f"| {'-' if merged is None else f'{merged:.2%}'} |")
     if readme:
         return "\n".join(lines)
