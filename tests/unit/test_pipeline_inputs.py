@@ -240,3 +240,13 @@ def test_bad_stacks_are_refused_when_the_config_loads(tmp_path, entry, message):
     raw["recover"].append(entry)
     with pytest.raises(UsageError, match=message):
         load_config(raw)
+
+
+def test_a_teacher_that_is_a_copy_of_the_pipelines_dense_model_passes_the_checks(inputs):
+    # the fixture's teacher is a copy of "tiny", the pipeline's model: the right teacher for its pruned copies
+    from prunetune.pipeline.checks import check_inputs
+
+    raw, _, _ = inputs
+    check_inputs(load_config(raw))
+    raw["recover"][0]["distill_from"] = str(TINY_PATH)  # the very folder the pipeline loads
+    check_inputs(load_config(raw))

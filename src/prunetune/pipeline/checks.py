@@ -101,9 +101,8 @@ def check_inputs(config: PipelineConfig) -> None:
     student_tokenizer = load_tokenizer(config.model, options) if teachers else None
     for (teacher, hidden), key in teachers.items():
         settings = DistillSettings(teacher=teacher, hidden_weight=1.0 if hidden else 0.0)
-        try:  # the student is a pruned copy of config.model, made later: compared with config.model itself
-            check_teacher(teacher, config.model, settings, options, student_tokenizer)
+        try:  # the student is a pruned copy of config.model, made later: compared with config.model itself,
+            # which may be the teacher (the dense model, or a copy of it, as the pipeline's "dense" names it)
+            check_teacher(teacher, config.model, settings, options, student_tokenizer, student_is_dense=True)
         except UsageError as err:  # its messages name the recover flag: here the config key stands first
-            if str(err).startswith(f"--distill_from {teacher} is the student itself"):
-                continue  # the dense model (or a copy of it): the teacher the pipeline's "dense" names too
             raise UsageError(f"{key}: {str(err).replace('--distill_from ', '', 1)}") from err

@@ -77,17 +77,20 @@ def _same_weights(teacher: str, student: str, memo: dict | None) -> bool:
     return weights_digest(teacher, memo) == weights_digest(student, memo)
 
 
-def check_teacher(teacher: str, student: str, settings, options, student_tokenizer, memo: dict | None = None) -> None:
+def check_teacher(teacher: str, student: str, settings, options, student_tokenizer, memo: dict | None = None,
+                  student_is_dense: bool = False) -> None:
     """Refuse a teacher the student cannot be distilled from, from configs, tokenizers and weight digests
     (``student_tokenizer``: the one the recovery trains with, already loaded; ``settings``: the
-    :class:`~prunetune.recover.distill.DistillSettings`; ``memo``: shared with :func:`describe_teacher`).
+    :class:`~prunetune.recover.distill.DistillSettings`; ``memo``: shared with :func:`describe_teacher`;
+    ``student_is_dense``: ``student`` names the dense model the real student will be pruned from (a
+    pipeline checking its entries before any stage), so a teacher equal to it is the right one).
 
     Raises:
         UsageError: naming the first mismatch: the student itself, model type, vocabulary size,
             tokenizer vocabulary, and (for hidden-state matching) block count and hidden size.
     """
     what = f"--distill_from {teacher}"
-    if _same_folder(teacher, student):
+    if _same_folder(teacher, student) and not student_is_dense:
         raise _student_itself(what, student, "the same model")
     teacher_config = load_config(teacher, options)
     student_config = load_config(student, options)
@@ -110,7 +113,7 @@ def check_teacher(teacher: str, student: str, settings, options, student_tokeniz
                          f"{len(student_vocab)} tokens; first difference: {differing[0][0]!r} -> id {differing[0][1]}). "
                          "The same token id must mean the same text for both models; use the dense model the student "
                          "was pruned from as the teacher.")
-    if _same_weights(teacher, student, memo):  # last: it may read both models' weight files
+    if not student_is_dense and _same_weights(teacher, student, memo):  # last: it may read both models' weight files
         raise _student_itself(what, student, "the same weights: its weight files have the same sha256")
 
 
