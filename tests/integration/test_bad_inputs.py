@@ -89,6 +89,8 @@ CASES = [
      "TRUNC/model.safetensors", ["out"]),
     ("prune-batch-size-0", "prune --model MODEL --batch_size 0 --save out", "batch_size must be a positive integer, got 0", ["out"]),
     ("prune-nsamples-0", "prune --model MODEL --nsamples 0 --save out", "got 0", ["out"]),
+    ("prune-reconstruct-epochs-0", "prune --model MODEL --reconstruct --reconstruct_epochs 0 --save out",
+     "--reconstruct_epochs must be a positive integer, got 0", ["out"]),
     ("prune-ratio", "prune --model MODEL --sparsity_ratio 1.5 --save out", "1.5", ["out"]),
     ("prune-method", "prune --model MODEL --prune_method obs --save out", "'obs'", ["out"]),
     # ---- recover: values checked before anything loads or trains
