@@ -192,7 +192,8 @@ def _bench_caption(records: list[dict]) -> str:
         machine = r["machine"]
         threads = machine.get("threads")
         where = f"{machine.get('cpus', '?')}-core CPU, {threads} threads, torch {machine.get('torch', '?')}"
-        command = re.sub(r" --pruned_cache \S+", "", r["command"])  # a local cache of the pruned model, not a setting
+        # a local cache of the pruned model and where the record was written: paths of one machine, not settings
+        command = re.sub(r" --(pruned_cache|json) \S+", "", r["command"])
         lines.append(f"*`{command}` · commit {r['commit']} · {r['date'][:16].replace('T', ' ')} UTC · {where}.*")
     return "\n\n".join(lines)
 
