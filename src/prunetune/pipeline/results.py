@@ -1,16 +1,35 @@
 """Stage results -> the report's plain data: one table row per configuration (with its zero-shot scores when the
-config names lm-eval tasks), curves, per-layer errors."""
+config names lm-eval tasks), each prune entry's sparsity profile, curves, per-layer errors."""
 
 from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 from prunetune.pipeline.config import PruneSpec
 from prunetune.pipeline.plan import RecoveryStep
 from prunetune.report import RecoveryCurve, ReportData, ResultRow
 
 logger = logging.getLogger(__name__)
+
+
+def prune_profile(spec: PruneSpec, summary: dict) -> dict:
+    """What the report plots and tables need of one prune entry's sparsity profile.
+
+    ``method``: the pruner with what else sets the entry apart (variant, true sequential, reconstructed), so
+    entries of one method at several ratios form one series; ``target``: the sparsity ratio (None for N:M);
+    ``profile``: ``uniform``, ``owl`` or the profile file's name; ``sparsity_profile``: the prune report's dict
+    (kind, target, block_ratios, layer_ratios, owl); a stage finished before profiles existed was uniform.
+    """
+    profile = summary.get("sparsity_profile") or {"kind": "uniform"}
+    kind = profile.get("kind", "uniform")
+    name = Path(profile["source"]).name if kind not in ("uniform", "owl") and profile.get("source") else kind
+    method = spec.method + ("-variant" if spec.use_variant else "")
+    method += (" (true sequential)" if spec.true_sequential else "") + (" reconstructed" if spec.reconstruct else "")
+    target = (0.5 if spec.sparsity_ratio is None else spec.sparsity_ratio) if spec.sparsity_type == "unstructured" else None
+    return {"method": method, "target": target, "profile": name, "sparsity": summary["sparsity"]["overall"],
+            "sparsity_profile": profile}
 
 
 class ReportCollector:
@@ -33,6 +52,7 @@ class ReportCollector:
                                    seconds=result["prune"]["seconds"], peak_memory_mb=result["peak_memory_mb"],
                                    peak_memory_kind=result["peak_memory_kind"],
                                    zeroshot=result["evaluation"].get("zeroshot")))
+        self.data.profiles[spec.label()] = prune_profile(spec, result["prune"])
 
     def gap_won_back(self, pruned: str, perplexity: float) -> float | None:
         """The share of the dense-to-pruned perplexity gap a recovery closed, against the prune entry ``pruned``."""

@@ -345,6 +345,7 @@ class Pipeline:
         write_json(self.root / "results.json", {"rows": [row.to_dict() for row in report.rows], "facts": report.data.facts,
                                                 "curves": {name: asdict(c) for name, c in report.data.curves.items()},
                                                 "per_layer_error": report.data.errors,
+                                                "sparsity_profiles": report.data.profiles,
                                                 "executed": self.stages.executed, "reused": self.stages.reused})
         return PipelineResult(self.root, report_path, report.rows, self.stages.executed, self.stages.reused,
                               terminal_table(report.rows))

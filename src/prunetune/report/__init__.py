@@ -4,7 +4,7 @@ Input is plain data gathered by the pipeline (:class:`ReportData`: one :class:`R
 configuration, the curves of each recovery run, the per-layer output error of each
 configuration); output is a terminal table, ``report.md`` and PNG plots. Nothing here runs a
 model. ``tables`` builds the table, ``accuracy`` the zero-shot table (lm-eval tasks, when the
-pipeline ran some), ``plots`` draws the figures.
+pipeline ran some), ``plots`` draws the figures, ``profile_plots`` those of layer-wise sparsity profiles.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunetune.outputs import atomic_write_text
-from prunetune.report import plots
+from prunetune.report import plots, profile_plots
 from prunetune.report.curves import RecoveryCurve
 from prunetune.report.accuracy import accuracy_markdown, accuracy_terminal
 from prunetune.report.tables import (
@@ -34,10 +34,13 @@ class ReportData:
     error_source: str = ""  # the inputs the errors were measured on
     facts: dict[str, str] = field(default_factory=dict)  # model, data fingerprints, machine, ...
     blockwise: dict[str, dict] = field(default_factory=dict)  # blockwise configuration -> its blockwise.json
+    # prune configuration -> {method, target, profile, sparsity, sparsity_profile} (pipeline.results.prune_profile)
+    profiles: dict[str, dict] = field(default_factory=dict)
 
 
 PLOTS = {"perplexity": "perplexity.png", "curve": "perplexity_curve.png", "loss": "loss_curves.png",
-         "errors": "reconstruction_error.png", "blockwise": "blockwise_losses.png"}
+         "errors": "reconstruction_error.png", "blockwise": "blockwise_losses.png",
+         "block_sparsity": "block_sparsity.png", "sweep": "perplexity_vs_sparsity.png"}
 OLD_PLOTS = ("sparsity_heatmap.png",)  # written by earlier versions; removed from a reused run folder
 
 
@@ -47,6 +50,24 @@ def _curve_caption(curves: dict[str, RecoveryCurve]) -> str:
     return (f"Held-out perplexity (exp of the Trainer's eval_loss){on}, text no run trains on: at 0 tokens the pruned "
             "model, then every eval_steps optimizer steps. Dashed: the dense model on the same blocks. "
             "Tokens trained = steps x global batch x block size.")
+
+
+def _profile_sections(data: ReportData, out_dir: Path) -> list[str]:
+    """The plots of layer-wise sparsity profiles and of the sparsity sweep, each when the run has what it shows."""
+    sections = []
+    if profile_plots.profiled(data.profiles):
+        profile_plots.plot_block_sparsity(data.profiles, out_dir / PLOTS["block_sparsity"])
+        sections += ["## Layer-wise sparsity", "", f"![sparsity of each decoder block]({PLOTS['block_sparsity']})", "",
+                     "Each decoder block's sparsity (its layers' ratios weighted by their weight counts) in every prune "
+                     "entry with a non-uniform profile, against block index; right axis, where OWL set the profile, the "
+                     "block's outlier ratio it was derived from; dashed, the uniform entry of the same method and target.",
+                     ""]
+    if profile_plots.sweep_series(data.profiles, data.rows):
+        profile_plots.plot_perplexity_vs_sparsity(data.profiles, data.rows, out_dir / PLOTS["sweep"])
+        sections += ["## Perplexity against sparsity", "", f"![perplexity against target sparsity]({PLOTS['sweep']})",
+                     "", "Each prune entry's perplexity (log scale) against its target sparsity, one line per method and "
+                     "profile (solid: uniform, dash-dotted: a layer-wise profile); dashed, the dense model.", ""]
+    return sections
 
 
 def write_report(data: ReportData, out_dir: Path) -> Path:
@@ -81,6 +102,7 @@ def write_report(data: ReportData, out_dir: Path) -> Path:
                      "Each decoder block's (or window of blocks') normalised output error against the dense block, "
                      "before and after its training: on the calibration windows it trained on, and on the held-out "
                      "ones (blockwise.json in each stage's train folder).", ""]
+    sections += _profile_sections(data, out_dir)
     path, report = out_dir / "report.md", "\n".join(sections)
     atomic_write_text(path, report)
     for name in (*PLOTS.values(), *OLD_PLOTS):  # plots of an earlier run that this one has no data for
