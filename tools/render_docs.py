@@ -153,6 +153,34 @@ def curve_table(run: str) -> str:
             + "; ".join(texts) + f"; dense {first['dense_perplexity']:.2f} on it.\n\n" + _caption(source))
 
 
+def profile_table(run: str) -> str:
+    """Uniform against layer-wise sparsity (OWL, a profile file): each method and target ratio a run pruned both ways."""
+    source = f"docs/{run}/results.json"
+    data = _load(source)
+    perplexity = {row["name"]: row["perplexity"] for row in data["rows"]}
+    profiles = data.get("sparsity_profiles", {})
+    uniform = {(p["method"], p["target"]): name for name, p in profiles.items() if p["profile"] == "uniform"}
+    pairs = sorted((p["method"], p["target"], p["profile"], uniform[(p["method"], p["target"])], name)
+                   for name, p in profiles.items() if p["profile"] != "uniform" and (p["method"], p["target"]) in uniform)
+    names = sorted({profile for _, _, profile, _, _ in pairs})
+    single = names[0] if len(names) == 1 else None
+    shown = {"owl": "OWL"}.get(single, single) if single else "profiled"
+    lines = [f"| method | target sparsity | uniform perplexity | {shown} perplexity | change | {shown} overall sparsity "
+             f"| {shown} block ratios (min–max) |", "|---|---|---|---|---|---|---|"]
+    for method, target, profile, plain, profiled in pairs:
+        entry, ratios = profiles[profiled], list(profiles[profiled]["sparsity_profile"]["block_ratios"].values())
+        change = perplexity[profiled] / perplexity[plain] - 1
+        which = "" if single else f" ({profile})"
+        lines.append(f"| {method} | {target:.0%} | {perplexity[plain]:.2f} | {perplexity[profiled]:.2f}{which} | {change:+.1%} "
+                     f"| {entry['sparsity']:.2%} | {min(ratios):.1%}–{max(ratios):.1%} |")
+    if not pairs:
+        lines = ["No method and target ratio of this run was pruned both uniformly and with a layer-wise profile."]
+    dense = next((row["perplexity"] for row in data["rows"] if row["stage"] == "dense"), None)
+    setup = (f"Change: the profiled model's perplexity against the uniform one's (negative: better). Perplexity on "
+             f"{data['facts']['evaluation']}" + (f"; dense {dense:.2f}." if dense is not None else "."))
+    return "\n".join(lines) + f"\n\n{setup}\n\n" + _caption(source)
+
+
 def h100_prune() -> str:
     source = "benchmarks/results/h100_prune_bench.json"
     data = _load(source)
@@ -244,7 +272,7 @@ def render(table_id: str) -> str:
     kind, _, arg = table_id.partition(":")
     renderers = {"results": lambda: results_table(arg), "gap": lambda: gap_table(arg),
                  "gap-readme": lambda: gap_table(arg, readme=True), "distill": lambda: distill_pairs(arg),
-                 "curve": lambda: curve_table(arg), "h100-prune": h100_prune, "h100-recover": h100_recover,
+                 "curve": lambda: curve_table(arg), "profile-table": lambda: profile_table(arg), "h100-prune": h100_prune, "h100-recover": h100_recover,
                  "config-reference": reference_markdown,
                  "blockwise-bench": blockwise_bench, "owl-bench": owl_bench}
     if kind not in renderers:

@@ -69,3 +69,36 @@ def test_no_table_of_figures_outside_markers():
             if line.startswith("|") and FIGURE.search(line):
                 loose.append(f"{path.relative_to(ROOT)}: {line[:80]}")
     assert not loose, "tables of figures outside <!-- table: --> markers: " + "; ".join(loose)
+
+
+def _profile_results() -> dict:
+    def entry(method, target, profile, sparsity, ratios=None):
+        shape = {"kind": profile} if ratios is None else {"kind": profile, "target": target, "block_ratios": ratios}
+        return {"method": method, "target": target, "profile": profile, "sparsity": sparsity, "sparsity_profile": shape}
+
+    rows = [("dense", "dense", 10.0), ("wanda 70%", "prune", 80.0), ("wanda 70% owl", "prune", 40.0),
+            ("sparsegpt 50%", "prune", 13.0), ("sparsegpt 50% owl", "prune", 13.26), ("wanda 50%", "prune", 14.0)]
+    profiles = {"wanda 70%": entry("wanda", 0.7, "uniform", 0.7), "wanda 50%": entry("wanda", 0.5, "uniform", 0.5),
+                "wanda 70% owl": entry("wanda", 0.7, "owl", 0.700049, {"0": 0.62, "1": 0.7, "2": 0.7812}),
+                "sparsegpt 50%": entry("sparsegpt", 0.5, "uniform", 0.5),
+                "sparsegpt 50% owl": entry("sparsegpt", 0.5, "owl", 0.49996, {"0": 0.45, "1": 0.55})}
+    return {"rows": [{"name": n, "stage": s, "perplexity": p} for n, s, p in rows],
+            "facts": {"evaluation": "some text, 2 windows x 32 tokens"}, "sparsity_profiles": profiles}
+
+
+def test_profile_table_pairs_uniform_and_owl_entries(monkeypatch):
+    tool = _tool()
+    provenance = {"docs/sweep/results.json": {"command": "prunetune run sweep.yaml", "commit": "abc1234", "machine": "cpu",
+                                              "date": "2025-01-01", "wall_time": "1 min"}}
+    sources = {"docs/sweep/results.json": _profile_results(), "docs/provenance.json": provenance}
+    monkeypatch.setattr(tool, "_load", lambda path: sources[path])
+    table = tool.render("profile-table:sweep")
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert lines[0] == ("| method | target sparsity | uniform perplexity | OWL perplexity | change | OWL overall sparsity "
+                        "| OWL block ratios (min–max) |")
+    # by method, then ratio; wanda 50% has no OWL entry: no row
+    assert lines[2:] == ["| sparsegpt | 50% | 13.00 | 13.26 | +2.0% | 50.00% | 45.0%–55.0% |",
+                         "| wanda | 70% | 80.00 | 40.00 | -50.0% | 70.00% | 62.0%–78.1% |"]
+    assert "dense 10.00" in table and "commit abc1234" in table
+    sources["docs/sweep/results.json"] = dict(_profile_results(), sparsity_profiles={})  # a run before profiles
+    assert "No method and target ratio" in tool.render("profile-table:sweep")
