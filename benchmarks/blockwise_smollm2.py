@@ -10,7 +10,7 @@ Protocol (the project's SmolLM2 profile, ``src/prunetune/configs/smollm2-135m.ya
 weights dequantized from the GGUF; Wanda 50% unstructured calibrated on 128 x 128 tokens of Tiny
 Shakespeare (seed 0); perplexity on WikiText-2 raw test, the first 12 windows of 512 tokens
 (dense 34.55, Wanda 50% 80.19 on this machine). The reconstruction draws its own ``--nsamples``
-x ``--seqlen`` windows of Tiny Shakespeare (never the evaluation text). Printed and recorded:
+x ``--seqlen`` windows of ``--calib_dataset`` (Tiny Shakespeare by default; never the evaluation text). Printed and recorded:
 perplexity dense / pruned / after, the gap won back ``(pruned - after) / (pruned - dense)``,
 minutes of reconstruction, the load average (the 2 cores are shared), per-block losses.
 The JSON record goes to ``--json`` (default ``benchmarks/results/blockwise_<settings>.json``).
@@ -49,6 +49,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--calib_dataset", default=str(SHARED / "tinyshakespeare" / "train.txt"))
+    parser.add_argument("--prune_calib_dataset", default=str(SHARED / "tinyshakespeare" / "train.txt"),
+                        help="the text Wanda is calibrated on (the same pruned model whatever --calib_dataset is)")
     parser.add_argument("--eval_dataset", default=str(SHARED / "wikitext2-raw"))
     parser.add_argument("--eval_windows", type=int, default=12)
     parser.add_argument("--nsamples", type=int, default=64)
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
 
         model.load_state_dict(load_file(args.pruned_cache), strict=False)
     else:
-        ids = calibration_samples(tokenizer, args.calib_dataset, 128, 128, seed=0)
+        ids = calibration_samples(tokenizer, args.prune_calib_dataset, 128, 128, seed=0)
         prune(model, tokenizer, PruneConfig(method="wanda", sparsity_ratio=0.5, calibration_ids=ids, batch_size=8))
     record["sparsity_pruned"] = measure_sparsity(model).overall
     record["ppl_pruned"] = known.get("ppl_pruned") or perplexity()
