@@ -57,6 +57,15 @@ def test_a_stacked_stage_starts_from_its_base_stages_output(stacked):
     assert windows and all(w["train_after"] is not None for w in windows)
 
 
+def test_a_finished_blockwise_stage_keeps_no_progress_checkpoints(stacked):
+    """The per-window progress files (a copy of every block) go once the stage has finished."""
+    stages = stacked.output_dir / "stages"
+    (folder,) = [p.parent for p in stages.glob("*/stage.json")
+                 if json.loads(p.read_text())["stage"] == "recover wanda 50% + blockwise + bw"]
+    assert (folder / "train" / "model.safetensors").is_file()
+    assert not list(folder.rglob("checkpoint-*"))
+
+
 def test_the_report_has_every_row_and_the_blockwise_plot(stacked):
     report = (stacked.output_dir / "report.md").read_text()
     for name in ("| wanda 50% + blockwise + bw |", "| wanda 50% + blockwise + bw + full + distill |",

@@ -95,8 +95,9 @@ class RecoveryTrainingArguments(TrainingArguments):
         require(self.output_dir is not None and str(self.output_dir).strip() != "",
                 "--output_dir is required: the folder for the adapter/model (and recovery.json) this run writes.")
         self._check_training_values()
-        if self.keep_checkpoints is None:  # asked for checkpoints: keep them
-            self.keep_checkpoints = self.save_strategy is not None or self.save_steps is not None
+        if self.keep_checkpoints is None:  # asked for checkpoints: keep them ("no" asks for none)
+            strategy = getattr(self.save_strategy, "value", self.save_strategy)
+            self.keep_checkpoints = strategy not in (None, "no") or self.save_steps is not None
         if self.save_strategy is None:
             self.save_strategy = "steps"
         if self.save_steps is None:
