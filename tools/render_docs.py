@@ -226,22 +226,26 @@ def _bench_caption(records: list[dict]) -> str:
     return "\n\n".join(lines)
 
 
+BLOCKWISE_TEXTS = {"train.txt": "Tiny Shakespeare", "validation.jsonl": "WikiText-2 validation"}
+
+
 def blockwise_bench() -> str:
     """benchmarks/blockwise_smollm2.py: Wanda 50% on SmolLM2-135M, then block-wise reconstruction alone."""
     paths = sorted((ROOT / "benchmarks/results").glob("blockwise_*.json"))
     records = [json.loads(path.read_text()) for path in paths]
     records.sort(key=lambda r: r["date"])
-    lines = ["| inputs | window | calibration tokens | passes | lr | perplexity after | gap won back | wall time | CPU time | load average (1 min, start -> end) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| reconstruction text | inputs | window | calibration tokens | passes | lr | perplexity after | gap won back | wall time | CPU time | load average (1 min, start -> end) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         s, load = r["settings"], r["load_average"]
-        lines.append(f"| {s['input_mode']} | {s['window']} | {s['nsamples']} x {s['seqlen']} | {s['epochs']} | {s['learning_rate']:g} "
+        text = BLOCKWISE_TEXTS.get(Path(s["calib_dataset"]).name, Path(s["calib_dataset"]).name)
+        lines.append(f"| {text} | {s['input_mode']} | {s['window']} | {s['nsamples']} x {s['seqlen']} | {s['epochs']} | {s['learning_rate']:g} "
                      f"| {r['ppl_after']:.2f} | {r['gap_won_back']:.1%} | {r['minutes']:.1f} min | {r['cpu_minutes']:.1f} min "
                      f"| {load['start'][0]:.1f} -> {load['after_reconstruction'][0]:.1f} |")
     first = records[0]
     setup = (f"SmolLM2-135M, dense {first['ppl_dense']:.2f}, Wanda 50% {first['ppl_pruned']:.2f} (128 x 128 calibration "
-             "tokens of Tiny Shakespeare); reconstruction on Tiny Shakespeare, perplexity on WikiText-2 raw test, first "
-             "12 windows of 512 tokens. Sparsity after every run: exactly 50.00%. Wall times depend on what else ran on "
+             "tokens of Tiny Shakespeare); reconstruction on the text named in the first column, never the evaluation text; "
+             "perplexity on WikiText-2 raw test, first 12 windows of 512 tokens. Sparsity after every run: exactly 50.00%. Wall times depend on what else ran on "
              "the two cores (the load average column); CPU time is the process's own.")
     return "\n".join(lines) + f"\n\n{setup}\n\n" + _bench_caption(records)
 

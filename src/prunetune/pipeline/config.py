@@ -148,7 +148,7 @@ class RecoverySpec:
     # teacher is distill_from, default this pipeline's dense model). It also reads num_train_epochs (whole
     # passes), learning_rate and per_device_train_batch_size (windows per step); block_size and max_steps are unused.
     nsamples: int = 128  # blockwise: calibration windows drawn from dataset (a tenth held out)
-    seqlen: int = 256  # blockwise: tokens per window
+    seqlen: int = 128  # blockwise: tokens per window (as recover --seqlen)
     blockwise_input: str = "sparse"  # blockwise: what feeds each block: sparse (the pruned model's activations), dense, mix
     blockwise_window: int = 1  # blockwise: consecutive blocks trained together
     # A name for this entry's rows and stages ("wanda 50% + full + NAME"): needed when two

@@ -92,14 +92,25 @@ class RecoveryArguments:
                           "batch 8 x 256: peak RSS of a full step +43%% over cross-entropy at 1024, +12%% at 256, "
                           "same CPU time)."},
     )
-    nsamples: int = field(default=128, metadata={"help": "blockwise: calibration windows of the training text."})
+    nsamples: int = field(
+        default=128,
+        metadata={"help": "blockwise: calibration windows of the training text. Measured on SmolLM2-135M after Wanda "
+                          "50%% (2 CPU cores, WikiText-2 validation text): 128 x 128 tokens, 4 passes, won back 64%% "
+                          "of the perplexity gap in 6.5 min; 64 x 128, 3 passes, 54%% in 2.5 min. The text counts "
+                          "more than its amount: Tiny Shakespeare gave 32-37%% (configs/smollm2-135m-blockwise.yaml)."},
+    )
     seqlen: int = field(default=128, metadata={"help": "blockwise: tokens per window."})
     blockwise_input: str = field(
         default="sparse",
         metadata={"help": "blockwise: a block's input: sparse (the blocks before it, as reconstructed), dense "
-                          "(the dense model's) or mix (their average)."},
+                          "(the dense model's) or mix (their average). Sparse won back 54%% of SmolLM2-135M's "
+                          "Wanda 50%% gap where dense won back 49%%, at 64 x 128 tokens and 3 passes."},
     )
-    blockwise_window: int = field(default=1, metadata={"help": "blockwise: consecutive blocks trained together."})
+    blockwise_window: int = field(
+        default=1,
+        metadata={"help": "blockwise: consecutive blocks trained together (2 gave the same as 1 on SmolLM2-135M, "
+                          "54.5%% against 54.4%% of the Wanda 50%% gap, in 10%% more time)."},
+    )
     memory_estimate: bool = field(
         default=False,
         metadata={"help": "full: print the PREDICTED peak GPU memory of this model, dtype, optimizer and batch, and "
