@@ -1,6 +1,6 @@
 """``prunetune prune --sparsity_profile`` on the bundled model: a bad profile exits 2 with nothing written;
 OWL and a profile file land in the manifest, ``prunetune sparsity`` shows them, and the per-layer
-sparsity survives ``recover --recovery_method full``."""
+sparsity survives ``recover`` (full, masked_lora merged, blockwise) exactly."""
 
 import json
 
@@ -68,7 +68,16 @@ def test_owl_prune_writes_the_profile_and_sparsity_shows_it(corpus, tmp_path, ca
     assert "sparsity profile: owl" in out and "outliers" in out
 
 
-def test_per_layer_sparsity_survives_full_recovery(corpus, tmp_path):
+RECOVERY_FLAGS = {
+    "full": ["--block_size", "32", "--max_steps", "3"],
+    "masked_lora": ["--block_size", "32", "--max_steps", "3", "--lora_target_modules", "all-linear"],
+    "blockwise": ["--distill_from", "tiny", "--nsamples", "6", "--seqlen", "32", "--num_train_epochs", "2"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(RECOVERY_FLAGS))
+def test_per_layer_sparsity_survives_recovery(corpus, tmp_path, method):
+    """Each layer's own ratio of a non-uniform profile, exactly, after full, masked_lora merged, and blockwise."""
     profile = tmp_path / "profile.yaml"
     profile.write_text("0: 0.3\n3: 0.8\n'mlp.down_proj': 0.5\n")
     assert main(prune_args(corpus, tmp_path, "--prune_method", "wanda", "--sparsity_ratio", "0.55",
@@ -76,12 +85,21 @@ def test_per_layer_sparsity_survives_full_recovery(corpus, tmp_path):
     pruned = measure_sparsity(load_model(str(tmp_path / "model"), LoadOptions())).per_module()
     out = tmp_path / "recovered"
     assert main(["recover", "--model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(corpus),
-                 "--block_size", "32", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
-                 "--recovery_method", "full", "--max_steps", "3", "--output_dir", str(out), "--save_strategy", "no",
+                 "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--recovery_method", method,
+                 *RECOVERY_FLAGS[method], "--output_dir", str(out), "--save_strategy", "no",
                  "--disable_tqdm", "true"]) == 0
-    recovered = measure_sparsity(load_model(str(out), LoadOptions())).per_module()
+    if method == "masked_lora":  # an adapter: its merge is the model users ship
+        merged = tmp_path / "merged"
+        assert main(["merge", "--model", str(tmp_path / "model"), "--adapter", str(out), "--save_model", str(merged)]) == 0
+        out = merged
+    model = load_model(str(out), LoadOptions())
+    recovered = measure_sparsity(model).per_module()
     assert recovered == pruned
     assert len(set(round(v, 3) for v in pruned.values())) > 2  # a non-uniform profile really was kept
+    before = dict(load_model(str(tmp_path / "model"), LoadOptions()).named_parameters())
+    moved = sum(int((weight != before[name]).sum()) for name, weight in model.named_parameters()
+                if "layers." in name and name.endswith("proj.weight"))
+    assert moved > 0  # the recovery really changed kept weights
 
 
 def test_pipeline_prune_entry_takes_the_profile(corpus, tmp_path, capsys):
