@@ -62,6 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--mix_alpha", type=float, default=0.5)
     parser.add_argument("--window", type=int, default=1)
     parser.add_argument("--held_out", type=float, default=0.125)
+    parser.add_argument("--loss", default="block", choices=["block", "token"],
+                        help="block: the batch-normalised block-output error (the paper's); token: each token's own")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pruned_cache", default=None,
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.WARNING)
     logging.getLogger("prunetune.recover.blockwise").setLevel(logging.INFO)  # one line per window
     label = (f"{args.input_mode}{'' if args.input_mode != 'mix' else args.mix_alpha}_w{args.window}_n{args.nsamples}"
-             f"_s{args.seqlen}_e{args.epochs}_lr{args.learning_rate:g}")
+             f"_s{args.seqlen}_e{args.epochs}_lr{args.learning_rate:g}{'' if args.loss == 'block' else '_token-loss'}")
     out = Path(args.json or ROOT / "benchmarks" / "results" / f"blockwise_{label}.json")
     record = {"command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
               "commit": commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
     ids = calibration_samples(tokenizer, args.calib_dataset, args.nsamples, args.seqlen, seed=args.seed)
     config = BlockwiseConfig(nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, learning_rate=args.learning_rate,
                              batch_size=args.batch_size, input_mode=args.input_mode, mix_alpha=args.mix_alpha,
-                             window=args.window, held_out=args.held_out, seed=args.seed)
+                             window=args.window, held_out=args.held_out, seed=args.seed, loss=args.loss)
     record["load_average"]["before_reconstruction"] = os.getloadavg()
     cpu = time.process_time()
     report = reconstruct(model, teacher, ids, config)

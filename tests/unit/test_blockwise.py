@@ -165,3 +165,22 @@ def test_too_few_calibration_ids_are_refused():
     student, teacher = pair(layers=1)
     with pytest.raises(UsageError, match="16 x 32"):
         reconstruct(student, teacher, random_tokens(8, 32), BlockwiseConfig(**FAST))
+
+
+def test_token_normalised_error_is_the_mean_of_each_tokens_own_relative_error():
+    from prunetune.recover.reconstruction import squared_errors, token_normalised_error
+
+    torch.manual_seed(0)
+    target = torch.randn(2, 5, 8)
+    target[0, 0] *= 1000.0  # one token of huge norm, as a massive activation
+    output = target + 0.1 * torch.randn(2, 5, 8)
+    expected = sum(float((output[b, t] - target[b, t]).pow(2).sum() / target[b, t].pow(2).sum())
+                   for b in range(2) for t in range(5)) / 10
+    assert float(token_normalised_error(output, target)) == pytest.approx(expected, rel=1e-5)
+    error, norm = squared_errors(output, target)
+    assert float(error / norm) < expected / 100  # the batch-normalised error hardly sees the other nine tokens
+
+
+def test_an_unknown_loss_is_refused_naming_it():
+    with pytest.raises(UsageError, match="'mse'"):
+        BlockwiseConfig(loss="mse")

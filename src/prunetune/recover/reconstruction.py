@@ -70,14 +70,29 @@ def reconstruction_error(modules: Sequence[nn.Module], inputs: Sequence[torch.Te
     return outputs_and_error(modules, inputs, targets, extras, cache)[1]
 
 
+def token_normalised_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ||y_student,t - y_teacher,t||^2 / ||y_teacher,t||^2, in float32.
+
+    Unlike the batch-normalised error, a few tokens of huge norm (the "massive activations" that
+    appear part-way through many LLMs) do not drown the error of all the others.
+    """
+    target = target.to(output.device, torch.float32)
+    error = (output.float() - target).pow(2).sum(-1)
+    return (error / target.pow(2).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)).mean()
+
+
+LOSSES = ("block", "token")
+
+
 def train_window(modules: Sequence[nn.Module], enforcer: MaskEnforcer, inputs: Sequence[torch.Tensor],
                  targets: Sequence[torch.Tensor], extras: Sequence[tuple[tuple, dict]], cache: ExtrasCache, *,
-                 epochs: int, learning_rate: float, generator: torch.Generator) -> list[float]:
+                 epochs: int, learning_rate: float, generator: torch.Generator, loss: str = "block") -> list[float]:
     """Adam on every parameter of the window, one step per batch; returns each epoch's mean loss.
 
     The blocks stay in eval mode (no dropout): the target is a deterministic function of the
     input, and a rerun with the same seed gives the same weights. The optimizer (and so its
-    state) lives only for this call: one window's Adam state in flight.
+    state) lives only for this call: one window's Adam state in flight. ``loss``: ``block`` (the
+    batch-normalised error above, the paper's) or ``token`` (:func:`token_normalised_error`).
     """
     params = [p for module in modules for p in module.parameters()]
     flags = [p.requires_grad for p in params]
@@ -90,14 +105,17 @@ def train_window(modules: Sequence[nn.Module], enforcer: MaskEnforcer, inputs: S
         for _ in range(epochs):
             total = torch.zeros((), device=cache.device)
             for index in torch.randperm(len(inputs), generator=generator).tolist():
-                error, norm = squared_errors(window_forward(modules, inputs[index], cache(extras[index]), cache.device),
-                                             targets[index])
-                loss = error / norm.clamp_min(torch.finfo(torch.float32).tiny)
-                loss.backward()  # the enforcer's hooks zero the pruned gradient entries here
+                output = window_forward(modules, inputs[index], cache(extras[index]), cache.device)
+                if loss == "token":
+                    value = token_normalised_error(output, targets[index])
+                else:
+                    error, norm = squared_errors(output, targets[index])
+                    value = error / norm.clamp_min(torch.finfo(torch.float32).tiny)
+                value.backward()  # the enforcer's hooks zero the pruned gradient entries here
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 enforcer.remask()  # Adam keeps zeros exactly; this makes "zero after every step" unconditional
-                total += loss.detach()  # summed on the device: no host sync per step
+                total += value.detach()  # summed on the device: no host sync per step
             losses.append(float(total) / max(len(inputs), 1))
     finally:
         enforcer.detach()
