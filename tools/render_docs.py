@@ -153,11 +153,12 @@ def curve_table(run: str) -> str:
             + "; ".join(texts) + f"; dense {first['dense_perplexity']:.2f} on it.\n\n" + _caption(source))
 
 
-def profile_table(run: str) -> str:
+def profile_table(run: str, readme: bool = False) -> str:
     """Uniform against layer-wise sparsity (OWL, a profile file): each method and target ratio a run pruned both ways."""
     source = f"docs/{run}/results.json"
     data = _load(source)
     perplexity = {row["name"]: row["perplexity"] for row in data["rows"]}
+    seconds = {row["name"]: row["seconds"] for row in data["rows"]}
     profiles = data.get("sparsity_profiles", {})
     uniform = {(p["method"], p["target"]): name for name, p in profiles.items() if p["profile"] == "uniform"}
     pairs = sorted((p["method"], p["target"], p["profile"], uniform[(p["method"], p["target"])], name)
@@ -166,18 +167,22 @@ def profile_table(run: str) -> str:
     single = names[0] if len(names) == 1 else None
     shown = {"owl": "OWL"}.get(single, single) if single else "profiled"
     lines = [f"| method | target sparsity | uniform perplexity | {shown} perplexity | change | {shown} overall sparsity "
-             f"| {shown} block ratios (min–max) |", "|---|---|---|---|---|---|---|"]
+             f"| {shown} block ratios (min–max) | pruning time, uniform / {shown} |", "|---|---|---|---|---|---|---|---|"]
     for method, target, profile, plain, profiled in pairs:
         entry, ratios = profiles[profiled], list(profiles[profiled]["sparsity_profile"]["block_ratios"].values())
         change = perplexity[profiled] / perplexity[plain] - 1
         which = "" if single else f" ({profile})"
         lines.append(f"| {method} | {target:.0%} | {perplexity[plain]:.2f} | {perplexity[profiled]:.2f}{which} | {change:+.1%} "
-                     f"| {entry['sparsity']:.2%} | {min(ratios):.1%}–{max(ratios):.1%} |")
+                     f"| {entry['sparsity']:.2%} | {min(ratios):.1%}–{max(ratios):.1%} "
+                     f"| {_seconds(seconds[plain])} / {_seconds(seconds[profiled])} |")
     if not pairs:
         lines = ["No method and target ratio of this run was pruned both uniformly and with a layer-wise profile."]
     dense = next((row["perplexity"] for row in data["rows"] if row["stage"] == "dense"), None)
     setup = (f"Change: the profiled model's perplexity against the uniform one's (negative: better). Perplexity on "
-             f"{data['facts']['evaluation']}" + (f"; dense {dense:.2f}." if dense is not None else "."))
+             f"{data['facts']['evaluation']}" + (f"; dense {dense:.2f}." if dense is not None else ".")
+             + " Pruning time includes the calibration pass (and the profile's statistics pass).")
+    if readme:
+        return "\n".join(lines)
     return "\n".join(lines) + f"\n\n{setup}\n\n" + _caption(source)
 
 
@@ -234,16 +239,18 @@ def blockwise_bench() -> str:
     paths = sorted((ROOT / "benchmarks/results").glob("blockwise_*.json"))
     records = [json.loads(path.read_text()) for path in paths]
     records.sort(key=lambda r: r["date"])
-    lines = ["| reconstruction text | inputs | window | calibration tokens | passes | lr | perplexity after | gap won back | wall time | CPU time | load average (1 min, start -> end) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| reconstruction text | loss | inputs | window | calibration tokens | passes | lr | perplexity after | gap won back | wall time | CPU time | load average (1 min, start -> end) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         s, load = r["settings"], r["load_average"]
         text = BLOCKWISE_TEXTS.get(Path(s["calib_dataset"]).name, Path(s["calib_dataset"]).name)
-        lines.append(f"| {text} | {s['input_mode']} | {s['window']} | {s['nsamples']} x {s['seqlen']} | {s['epochs']} | {s['learning_rate']:g} "
+        lines.append(f"| {text} | {s.get('loss', 'block')} | {s['input_mode']} | {s['window']} | {s['nsamples']} x {s['seqlen']} | {s['epochs']} | {s['learning_rate']:g} "
                      f"| {r['ppl_after']:.2f} | {r['gap_won_back']:.1%} | {r['minutes']:.1f} min | {r['cpu_minutes']:.1f} min "
                      f"| {load['start'][0]:.1f} -> {load['after_reconstruction'][0]:.1f} |")
     first = records[0]
-    setup = (f"SmolLM2-135M, dense {first['ppl_dense']:.2f}, Wanda 50% {first['ppl_pruned']:.2f} (128 x 128 calibration "
+    setup = ("Loss: block, the block-output error normalised over the batch (the paper's); token, each token's error "
+             "over its own target norm. "
+             f"SmolLM2-135M, dense {first['ppl_dense']:.2f}, Wanda 50% {first['ppl_pruned']:.2f} (128 x 128 calibration "
              "tokens of Tiny Shakespeare); reconstruction on the text named in the first column, never the evaluation text; "
              "perplexity on WikiText-2 raw test, first 12 windows of 512 tokens. Sparsity after every run: exactly 50.00%. Wall times depend on what else ran on "
              "the two cores (the load average column); CPU time is the process's own.")
@@ -276,7 +283,8 @@ def render(table_id: str) -> str:
     kind, _, arg = table_id.partition(":")
     renderers = {"results": lambda: results_table(arg), "gap": lambda: gap_table(arg),
                  "gap-readme": lambda: gap_table(arg, readme=True), "distill": lambda: distill_pairs(arg),
-                 "curve": lambda: curve_table(arg), "profile-table": lambda: profile_table(arg), "h100-prune": h100_prune, "h100-recover": h100_recover,
+                 "curve": lambda: curve_table(arg), "profile-table": lambda: profile_table(arg),
+                 "profile-readme": lambda: profile_table(arg, readme=True), "h100-prune": h100_prune, "h100-recover": h100_recover,
                  "config-reference": reference_markdown,
                  "blockwise-bench": blockwise_bench, "owl-bench": owl_bench}
     if kind not in renderers:

@@ -82,7 +82,7 @@ def _profile_results() -> dict:
                 "wanda 70% owl": entry("wanda", 0.7, "owl", 0.700049, {"0": 0.62, "1": 0.7, "2": 0.7812}),
                 "sparsegpt 50%": entry("sparsegpt", 0.5, "uniform", 0.5),
                 "sparsegpt 50% owl": entry("sparsegpt", 0.5, "owl", 0.49996, {"0": 0.45, "1": 0.55})}
-    return {"rows": [{"name": n, "stage": s, "perplexity": p} for n, s, p in rows],
+    return {"rows": [{"name": n, "stage": s, "perplexity": p, "seconds": 10 * p} for n, s, p in rows],
             "facts": {"evaluation": "some text, 2 windows x 32 tokens"}, "sparsity_profiles": profiles}
 
 
@@ -95,10 +95,12 @@ def test_profile_table_pairs_uniform_and_owl_entries(monkeypatch):
     table = tool.render("profile-table:sweep")
     lines = [line for line in table.splitlines() if line.startswith("|")]
     assert lines[0] == ("| method | target sparsity | uniform perplexity | OWL perplexity | change | OWL overall sparsity "
-                        "| OWL block ratios (min–max) |")
+                        "| OWL block ratios (min–max) | pruning time, uniform / OWL |")
     # by method, then ratio; wanda 50% has no OWL entry: no row
-    assert lines[2:] == ["| sparsegpt | 50% | 13.00 | 13.26 | +2.0% | 50.00% | 45.0%–55.0% |",
-                         "| wanda | 70% | 80.00 | 40.00 | -50.0% | 70.00% | 62.0%–78.1% |"]
+    assert lines[2:] == ["| sparsegpt | 50% | 13.00 | 13.26 | +2.0% | 50.00% | 45.0%–55.0% | 2.2 min / 2.2 min |",
+                         "| wanda | 70% | 80.00 | 40.00 | -50.0% | 70.00% | 62.0%–78.1% | 13.3 min / 6.7 min |"]
     assert "dense 10.00" in table and "commit abc1234" in table
+    readme = tool.render("profile-readme:sweep")  # the README's copy: the table alone, provenance on the results page
+    assert readme.splitlines() == lines and "commit" not in readme
     sources["docs/sweep/results.json"] = dict(_profile_results(), sparsity_profiles={})  # a run before profiles
     assert "No method and target ratio" in tool.render("profile-table:sweep")
