@@ -257,6 +257,32 @@ def blockwise_bench() -> str:
     return "\n".join(lines) + f"\n\n{setup}\n\n" + _bench_caption(records)
 
 
+def prune_reconstruct() -> str:
+    """benchmarks/prune_reconstruct_smollm2.py: Wanda 50% on SmolLM2-135M, plain and with --reconstruct, per calibration text."""
+    source = "benchmarks/results/prune_reconstruct_smollm2.json"
+    runs = _load(source)["runs"]
+    by = {(r.get("calibration_text", "tinyshakespeare"), r["plain"]): r for r in runs}
+    names = {"tinyshakespeare": "Tiny Shakespeare", "wikitext2-validation": "WikiText-2 validation"}
+    lines = ["| calibration text | plain pruning | with `--reconstruct` | gap won back | pruning time, plain / with |",
+             "|---|---|---|---|---|"]
+    for text in sorted({t for t, _ in by}):
+        if (text, True) not in by or (text, False) not in by:
+            continue
+        plain, repaired = by[(text, True)], by[(text, False)]
+        gap = (plain["ppl"] - repaired["ppl"]) / (plain["ppl"] - DENSE_SMOLLM2)
+        lines.append(f"| {names.get(text, text)} | {plain['ppl']:.2f} | {repaired['ppl']:.2f} | {gap:.0%} "
+                     f"| {plain['prune_wall_s']:.0f} s / {repaired['prune_wall_s']:.0f} s |")
+    setup = (f"Gap won back against the dense model's {DENSE_SMOLLM2:.2f}. Pruning times on two cores; the load average at "
+             "the end of each run is in the results file (the Tiny Shakespeare runs had another job beside them).")
+    sources = sorted(by.values(), key=lambda r: r["date"])
+    captions = [f"*`{r['command']}` · commit {r['commit']} · {r['date'][:10]} · {r['machine']['cpus']}-core CPU, "
+                f"{r['machine']['threads']} threads, torch {r['machine']['torch']}.*" for r in sources]
+    return "\n".join(lines) + f"\n\n{setup}\n\n" + "\n\n".join(captions)
+
+
+DENSE_SMOLLM2 = 34.552  # SmolLM2-135M dense, WikiText-2 raw test, first 12 x 512 tokens (docs/smollm2/results.json)
+
+
 def owl_bench() -> str:
     """benchmarks/owl_smollm2.py: uniform against OWL layer-wise sparsity on SmolLM2-135M."""
     source = "benchmarks/results/owl_smollm2.json"
@@ -286,7 +312,8 @@ def render(table_id: str) -> str:
                  "curve": lambda: curve_table(arg), "profile-table": lambda: profile_table(arg),
                  "profile-readme": lambda: profile_table(arg, readme=True), "h100-prune": h100_prune, "h100-recover": h100_recover,
                  "config-reference": reference_markdown,
-                 "blockwise-bench": blockwise_bench, "owl-bench": owl_bench}
+                 "blockwise-bench": blockwise_bench, "owl-bench": owl_bench,
+                 "prune-reconstruct": prune_reconstruct}
     if kind not in renderers:
         raise KeyError(f"unknown table id {table_id!r}; renderers: {', '.join(renderers)}")
     return renderers[kind]()
