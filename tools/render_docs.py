@@ -231,7 +231,9 @@ def _bench_caption(records: list[dict]) -> str:
     return "\n\n".join(lines)
 
 
-BLOCKWISE_TEXTS = {"train.txt": "Tiny Shakespeare", "validation.jsonl": "WikiText-2 validation"}
+# the reference texts of ../shared/data, by file name (blockwise_smollm2.py) and by id (prune_reconstruct_smollm2.py)
+TEXT_NAMES = {"train.txt": "Tiny Shakespeare", "validation.jsonl": "WikiText-2 validation",
+              "tinyshakespeare": "Tiny Shakespeare", "wikitext2-validation": "WikiText-2 validation"}
 
 
 def blockwise_bench() -> str:
@@ -243,7 +245,7 @@ def blockwise_bench() -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         s, load = r["settings"], r["load_average"]
-        text = BLOCKWISE_TEXTS.get(Path(s["calib_dataset"]).name, Path(s["calib_dataset"]).name)
+        text = TEXT_NAMES.get(Path(s["calib_dataset"]).name, Path(s["calib_dataset"]).name)
         lines.append(f"| {text} | {s.get('loss', 'block')} | {s['input_mode']} | {s['window']} | {s['nsamples']} x {s['seqlen']} | {s['epochs']} | {s['learning_rate']:g} "
                      f"| {r['ppl_after']:.2f} | {r['gap_won_back']:.1%} | {r['minutes']:.1f} min | {r['cpu_minutes']:.1f} min "
                      f"| {load['start'][0]:.1f} -> {load['after_reconstruction'][0]:.1f} |")
@@ -262,25 +264,22 @@ def prune_reconstruct() -> str:
     source = "benchmarks/results/prune_reconstruct_smollm2.json"
     runs = _load(source)["runs"]
     by = {(r.get("calibration_text", "tinyshakespeare"), r["plain"]): r for r in runs}
-    names = {"tinyshakespeare": "Tiny Shakespeare", "wikitext2-validation": "WikiText-2 validation"}
+    dense = _rows("docs/smollm2/results.json")["dense"]["perplexity"]  # the same model, text and windows
     lines = ["| calibration text | plain pruning | with `--reconstruct` | gap won back | pruning time, plain / with |",
              "|---|---|---|---|---|"]
     for text in sorted({t for t, _ in by}):
         if (text, True) not in by or (text, False) not in by:
             continue
         plain, repaired = by[(text, True)], by[(text, False)]
-        gap = (plain["ppl"] - repaired["ppl"]) / (plain["ppl"] - DENSE_SMOLLM2)
-        lines.append(f"| {names.get(text, text)} | {plain['ppl']:.2f} | {repaired['ppl']:.2f} | {gap:.0%} "
+        gap = (plain["ppl"] - repaired["ppl"]) / (plain["ppl"] - dense)
+        lines.append(f"| {TEXT_NAMES.get(text, text)} | {plain['ppl']:.2f} | {repaired['ppl']:.2f} | {gap:.0%} "
                      f"| {plain['prune_wall_s']:.0f} s / {repaired['prune_wall_s']:.0f} s |")
-    setup = (f"Gap won back against the dense model's {DENSE_SMOLLM2:.2f}. Pruning times on two cores; the load average at "
+    setup = (f"Gap won back against the dense model's {dense:.2f}. Pruning times on two cores; the load average at "
              "the end of each run is in the results file (the Tiny Shakespeare runs had another job beside them).")
     sources = sorted(by.values(), key=lambda r: r["date"])
     captions = [f"*`{r['command']}` · commit {r['commit']} · {r['date'][:10]} · {r['machine']['cpus']}-core CPU, "
                 f"{r['machine']['threads']} threads, torch {r['machine']['torch']}.*" for r in sources]
     return "\n".join(lines) + f"\n\n{setup}\n\n" + "\n\n".join(captions)
-
-
-DENSE_SMOLLM2 = 34.552  # SmolLM2-135M dense, WikiText-2 raw test, first 12 x 512 tokens (docs/smollm2/results.json)
 
 
 def owl_bench() -> str:

@@ -90,19 +90,28 @@ class PruneSpec:
     reconstruct_batch_size: int | None = None  # reconstruct: windows per step and per calibration forward (None: 8)
     name: str | None = None  # default: "<method>-<ratio|N:M>"
 
+    def target(self) -> float | None:
+        """The unstructured target ratio (0.5 when left out); None for N:M."""
+        if self.sparsity_type != "unstructured":
+            return None
+        return 0.5 if self.sparsity_ratio is None else self.sparsity_ratio
+
+    def _modifiers(self) -> str:
+        return (" (true sequential)" if self.true_sequential else "") + (" reconstructed" if self.reconstruct else "")
+
+    def series(self) -> str:
+        """The pruner with what else sets the entry apart but its ratio and profile: ``wanda-variant reconstructed``."""
+        return f"{self.method}{'-variant' if self.use_variant else ''}{self._modifiers()}"
+
     def label(self) -> str:
         if self.name:
             return self.name
-        if self.sparsity_type == "unstructured":
-            ratio = 0.5 if self.sparsity_ratio is None else self.sparsity_ratio
-            structure = f"{ratio * 100:g}%"
-        else:
-            structure = self.sparsity_type
-        suffix = " (true sequential)" if self.true_sequential else ""
-        suffix += " reconstructed" if self.reconstruct else ""
+        target = self.target()
+        structure = self.sparsity_type if target is None else f"{target * 100:g}%"
+        profile = ""
         if self.sparsity_profile not in (None, "uniform"):
-            suffix = f" {Path(self.sparsity_profile).name}{suffix}"  # "wanda 70% owl", "wanda 70% alpha.yaml"
-        return f"{self.method}{'-variant' if self.use_variant else ''} {structure}{suffix}"
+            profile = f" {Path(self.sparsity_profile).name}"  # "wanda 70% owl", "wanda 70% alpha.yaml"
+        return f"{self.method}{'-variant' if self.use_variant else ''} {structure}{profile}{self._modifiers()}"
 
 
 @dataclass

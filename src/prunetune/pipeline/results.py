@@ -25,10 +25,7 @@ def prune_profile(spec: PruneSpec, summary: dict) -> dict:
     profile = summary.get("sparsity_profile") or {"kind": "uniform"}
     kind = profile.get("kind", "uniform")
     name = Path(profile["source"]).name if kind not in ("uniform", "owl") and profile.get("source") else kind
-    method = spec.method + ("-variant" if spec.use_variant else "")
-    method += (" (true sequential)" if spec.true_sequential else "") + (" reconstructed" if spec.reconstruct else "")
-    target = (0.5 if spec.sparsity_ratio is None else spec.sparsity_ratio) if spec.sparsity_type == "unstructured" else None
-    return {"method": method, "target": target, "profile": name, "sparsity": summary["sparsity"]["overall"],
+    return {"method": spec.series(), "target": spec.target(), "profile": name, "sparsity": summary["sparsity"]["overall"],
             "sparsity_profile": profile}
 
 
